@@ -1,0 +1,148 @@
+"""``hypermesh cluster init``: every key, certificate and the manifest of a new cluster.
+
+One run creates the cluster CA, a TLS certificate per node (usable as server and as
+client certificate, so node-to-node connections are mutually authenticated), a
+consensus signing key per node, the cluster ML-KEM-1024 key that space proofs are
+sealed to, a client certificate, and the manifest that ties them together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from consensus.crypto import kem_scheme
+from consensus.keys import generate_node_key
+from transport.tls import generate_ca, issue_certificate
+
+from .manifest import (
+    Manifest,
+    ManifestError,
+    NodeEntry,
+    b64,
+    parse_endpoint,
+    write_manifest,
+    write_secret_bytes,
+    write_secret_json,
+)
+
+DEFAULT_ADDRESS_TEMPLATE = "[::1]:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class InitOptions:
+    nodes: int = 4
+    address_template: str = DEFAULT_ADDRESS_TEMPLATE
+    base_port: int = 9292
+    signing_scheme: str = "ML-DSA-65"
+    extra_dns: tuple[str, ...] = ("consensus",)
+    force: bool = False
+    validation_overrides: tuple[tuple[str, object], ...] = ()
+    names: tuple[str, ...] = ()  # explicit node ids; default node-1..node-n
+
+
+def node_id_for(index: int) -> str:
+    return f"node-{index}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def init_cluster(out: Path, options: InitOptions, progress: Callable[[str], None] = lambda _m: None) -> Manifest:
+    out = Path(out)
+    if options.nodes < 1:
+        raise ManifestError("--nodes must be at least 1")
+    if options.names and len(options.names) != options.nodes:
+        raise ManifestError("give one name per node")
+    if (options.nodes - 1) % 3 != 0:
+        # Quorums of 2f+1 intersect in an honest node only when n = 3f+1.
+        raise ManifestError(
+            f"--nodes {options.nodes}: a cluster has n = 3f+1 validators (1, 4, 7, 10, ...); "
+            f"{options.nodes} would tolerate no more faults than {3 * ((options.nodes - 1) // 3) + 1}"
+        )
+    if (out / "manifest.json").exists():
+        if not options.force:
+            raise ManifestError(
+                f"{out} already holds a cluster (manifest.json); keeping it. Use --force to replace every key."
+            )
+        for child in ("nodes", "client"):
+            shutil.rmtree(out / child, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cluster_id = f"hm-{secrets.token_hex(6)}"
+    progress(f"cluster {cluster_id}: creating the cluster CA")
+    ca_cert, ca_key = generate_ca(f"HyperMesh cluster CA {cluster_id}")
+    (out / "ca.pem").write_bytes(ca_cert)
+    write_secret_bytes(out / "ca.key", ca_key)
+
+    progress("creating the cluster ML-KEM-1024 key (space proofs are sealed to it)")
+    kem_public, kem_private = kem_scheme("ML-KEM-1024").generate()
+
+    from consensus.validation import ValidationParams  # late: keeps `--help` fast
+
+    params = ValidationParams(kem_public_key=kem_public)
+    if options.validation_overrides:
+        wire = params.to_json_dict()
+        wire.update(dict(options.validation_overrides))
+        params = ValidationParams.from_json_dict(wire)
+
+    entries: list[NodeEntry] = []
+    for index in range(1, options.nodes + 1):
+        node_id = options.names[index - 1] if options.names else node_id_for(index)
+        address = options.address_template.format(i=index, port=options.base_port + index - 1, id=node_id)
+        host, port = parse_endpoint(address, options.base_port)
+        progress(f"{node_id}: {options.signing_scheme} signing key and TLS certificate for {address}")
+        key = generate_node_key(node_id, options.signing_scheme)
+        dns = [node_id, "localhost", *options.extra_dns]
+        ips = ["::1", "127.0.0.1"]
+        if _is_ip(host):
+            ips.append(host)
+        elif host not in dns:
+            dns.append(host)
+        cert, tls_key = issue_certificate(
+            ca_cert, ca_key, node_id, dns_names=tuple(dict.fromkeys(dns)), ip_addresses=tuple(dict.fromkeys(ips))
+        )
+        node_dir = out / "nodes" / node_id
+        node_dir.mkdir(parents=True, exist_ok=True)
+        (node_dir / "tls.pem").write_bytes(cert)
+        write_secret_bytes(node_dir / "tls.key", tls_key)
+        write_secret_json(
+            node_dir / "signing.json",
+            {"node_id": node_id, "scheme": key.scheme, "public_key": b64(key.public_key), "private_key": b64(key.private_key)},
+        )
+        write_secret_json(
+            node_dir / "cluster-kem.json",
+            {"scheme": "ML-KEM-1024", "public_key": b64(kem_public), "private_key": b64(kem_private)},
+        )
+        entries.append(NodeEntry(node_id, host, port, node_id, key.scheme, key.public_key))
+
+    progress("client certificate for mutual-TLS deployments")
+    client_cert, client_key = issue_certificate(ca_cert, ca_key, "hypermesh-client", server=False, client=True)
+    (out / "client").mkdir(exist_ok=True)
+    (out / "client" / "tls.pem").write_bytes(client_cert)
+    write_secret_bytes(out / "client" / "tls.key", client_key)
+
+    manifest = Manifest(cluster_id, tuple(entries), params.to_json_dict(), out)
+    write_manifest(manifest)
+    progress(f"wrote {out / 'manifest.json'} (n={manifest.n}, f={manifest.f})")
+    return manifest
+
+
+def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, object], ...]:
+    """``--param min_stake=5000`` style overrides of validation parameters."""
+    parsed: list[tuple[str, object]] = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ManifestError(f"--param {item!r}: expected NAME=VALUE")
+        parsed.append((name.strip(), int(value) if value.strip().lstrip("-").isdigit() else value.strip()))
+    return tuple(parsed)

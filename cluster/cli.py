@@ -1,0 +1,364 @@
+"""``hypermesh``: create a cluster, run one locally, call it, and look inside it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+DEFAULT_CLUSTER_DIR = os.environ.get("HYPERMESH_CLUSTER", ".cluster")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def to_json(value: Any) -> Any:
+    """msgpack values -> JSON: bytes become ``"base64:..."`` strings."""
+    if isinstance(value, bytes):
+        return "base64:" + base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
+
+
+def from_json(value: Any) -> Any:
+    """The inverse of ``to_json``: ``"base64:..."`` strings become bytes."""
+    if isinstance(value, str) and value.startswith("base64:"):
+        return base64.b64decode(value[7:], validate=True)
+    if isinstance(value, dict):
+        return {k: from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    return value
+
+
+def load_payload(text: str | None, file: str | None) -> Any:
+    if text is not None and file is not None:
+        raise SystemExit("hypermesh: give --payload or --payload-file, not both")
+    if file is not None:
+        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        if file.endswith(".msgpack") or (data[:1] and data[:1] not in b"{[ \n\t\""):
+            return msgpack.unpackb(data, raw=False)
+        return from_json(json.loads(data))
+    if text is not None:
+        return from_json(json.loads(text))
+    return None
+
+
+def _endpoints(values: list[str] | None) -> list[tuple[str, int]] | None:
+    from .manifest import parse_endpoint
+
+    return [parse_endpoint(v) for v in values] if values else None
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+
+def cmd_cluster_init(args: argparse.Namespace) -> int:
+    from .bootstrap import InitOptions, init_cluster, parse_overrides
+
+    options = InitOptions(
+        nodes=args.nodes,
+        address_template=args.address_template,
+        base_port=args.base_port,
+        signing_scheme=args.signing_scheme,
+        extra_dns=tuple(args.extra_dns or ("consensus",)),
+        force=args.force,
+        validation_overrides=parse_overrides(args.param or []),
+    )
+    manifest = init_cluster(Path(args.out), options, _say)
+    _say(f"cluster {manifest.cluster_id}: {manifest.n} validators, tolerates f={manifest.f} faulty")
+    for entry in manifest.nodes:
+        _say(f"  {entry.node_id:<10} {entry.endpoint:<24} {entry.signing_scheme}")
+    _say(f"start a node:  consensus-server --cluster {args.out} --node-id {manifest.nodes[0].node_id}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .bootstrap import parse_overrides
+    from .launcher import LocalCluster
+
+    cluster = LocalCluster.prepare(
+        Path(args.dir), nodes=args.nodes, base_port=args.base_port, metrics_base_port=args.metrics_base_port,
+        fresh=args.fresh, init_overrides=parse_overrides(args.param or []), progress=_say,
+    )
+    cluster.common_args = ["--log-level", args.log_level] + (["--cache"] if args.cache else [])
+    stop = {"requested": False}
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    _say(f"starting {len(cluster.nodes)} consensus-server processes (logs in {cluster.directory / 'logs'})")
+    cluster.start()
+    try:
+        asyncio.run(cluster.wait_healthy(timeout_s=args.timeout, progress=_say))
+    except (TimeoutError, RuntimeError) as exc:
+        _say(f"cluster did not become healthy: {exc}")
+        cluster.stop()
+        return 1
+    _say("")
+    _say(f"HyperMesh cluster {cluster.manifest.cluster_id} is up: n={cluster.manifest.n}, f={cluster.manifest.f}")
+    _say(f"{'node':<10} {'STOQ endpoint (QUIC/UDP)':<26} {'metrics':<28} log")
+    for node in cluster.nodes.values():
+        metrics = f"http://[::1]:{node.metrics_port}/metrics" if node.metrics_port else "-"
+        _say(f"{node.node_id:<10} {cluster.manifest.node(node.node_id).endpoint:<26} {metrics:<28} {node.log_path}")
+    _say("")
+    _say(f"try:  hypermesh status --cluster {args.dir}")
+    _say(f"      hypermesh proofs make --manifest {args.dir}/manifest.json --out /tmp/p.msgpack && "
+         f"hypermesh call consensus/validate_proofs --cluster {args.dir} --payload-file /tmp/p.msgpack")
+    _say("Press Ctrl-C to stop the cluster.")
+    try:
+        while not stop["requested"]:
+            for node in cluster.nodes.values():
+                if node.process is not None and node.process.poll() is not None and not getattr(node, "_reported", False):
+                    _say(f"warning: {node.node_id} exited with code {node.process.returncode}; see {node.log_path}")
+                    node._reported = True  # type: ignore[attr-defined]
+            time.sleep(0.2)
+    finally:
+        _say("stopping the cluster ...")
+        cluster.stop()
+        _say("stopped")
+    return 0
+
+
+async def _with_client(args: argparse.Namespace, work: Any) -> Any:
+    from .client import ClusterClient
+
+    async with ClusterClient.from_manifest(
+        Path(args.cluster), endpoints=_endpoints(getattr(args, "endpoint", None)), timeout_s=args.timeout
+    ) as client:
+        return await work(client)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    payload = load_payload(args.payload, args.payload_file)
+
+    async def work(client: Any) -> Any:
+        if args.path in ("consensus/validate_proofs", "consensus/validate_certificate"):
+            return await client._validate(args.path, payload, args.timeout)  # verifies the certificate
+        if args.node:
+            return await client.call_node(args.node, args.path, payload)
+        return await client.call(args.path, payload)
+
+    from transport.envelope import ApiError
+
+    from .client import UnverifiedResult
+
+    try:
+        result = asyncio.run(_with_client(args, work))
+    except ApiError as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except UnverifiedResult as exc:
+        print(f"UNVERIFIED RESULT: {exc}", file=sys.stderr)
+        return 3
+    if args.raw:
+        sys.stdout.buffer.write(msgpack.packb(result, use_bin_type=True))
+    else:
+        if isinstance(result, dict) and not args.full:
+            result = {k: v for k, v in result.items() if k not in ("result", "certificate")} | (
+                {"certificate": "verified"} if "certificate" in result else {}
+            )
+        print(json.dumps(to_json(result), indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_with_client(args, lambda c: c.status()))
+    if args.json:
+        print(json.dumps(to_json(rows), indent=2))
+        return 0
+    header = f"{'node':<10} {'endpoint':<22} {'health':<12} {'view':>5} {'leader':<10} {'last seq':>9} {'checkpoint':>10} {'results':>8} {'evidence':>8}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        if not row.get("reachable"):
+            print(f"{row['node_id']:<10} {row['endpoint']:<22} {'UNREACHABLE':<12} {row.get('error', '')[:60]}")
+            continue
+        evidence = sum((row.get("evidence") or {}).values())
+        leader = row.get("leader", "?") + (" *" if row.get("is_leader") else "")
+        print(
+            f"{row['node_id']:<10} {row['endpoint']:<22} {'healthy':<12} {row.get('view', '?'):>5} {leader:<10} "
+            f"{row.get('last_executed_seq', '?'):>9} {row.get('stable_checkpoint_seq', '?'):>10} "
+            f"{row.get('results_stored', '?'):>8} {evidence:>8}"
+        )
+    reachable = sum(1 for r in rows if r.get("reachable"))
+    print(f"\n{reachable}/{len(rows)} nodes reachable  (* = this node believes it leads)")
+    return 0 if reachable == len(rows) else 1
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    async def work(client: Any) -> Any:
+        return await client.call("consensus/health")
+
+    try:
+        health = asyncio.run(_with_client(args, work))
+    except Exception as exc:  # noqa: BLE001 - a health probe reports every failure the same way
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(to_json(health), indent=2) if args.verbose else f"{health.get('node_id')}: {health.get('status')}")
+    return 0 if health.get("status") == "healthy" else 1
+
+
+def cmd_evidence(args: argparse.Namespace) -> int:
+    result = asyncio.run(_with_client(args, lambda c: c.evidence(args.node, args.accused)))
+    print(json.dumps(to_json(result), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster", default=DEFAULT_CLUSTER_DIR, metavar="DIR",
+                        help=f"cluster directory with manifest.json and ca.pem (default: {DEFAULT_CLUSTER_DIR}, or $HYPERMESH_CLUSTER)")
+    parser.add_argument("--endpoint", action="append", metavar="HOST:PORT",
+                        help="connect here instead of the manifest's addresses (repeatable; e.g. [::1]:9292)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-call timeout (default 30)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hypermesh",
+        description="HyperMesh Consensus: a Byzantine-fault-tolerant validation cluster. "
+        "Create a cluster's keys, run a local cluster, validate requests, inspect nodes.",
+        epilog="Quick start:\n"
+        "  hypermesh up                                  # 4 local nodes on [::1]:9292-9295\n"
+        "  hypermesh status                              # view, leader, progress of every node\n"
+        "  hypermesh proofs make --manifest .cluster/manifest.json --out p.msgpack\n"
+        "  hypermesh call consensus/validate_proofs --payload-file p.msgpack\n"
+        "Every command has --help.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from node.main import VERSION
+
+    parser.add_argument("-V", "--version", action="version", version=f"hypermesh {VERSION}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cluster = sub.add_parser("cluster", help="create and manage a cluster's keys and manifest")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
+    init = cluster_sub.add_parser(
+        "init", help="create the CA, node certificates, signing keys, the cluster KEM key and the manifest",
+        description="Create everything a new cluster needs in one directory. Nodes and clients load it; "
+        "keep ca.key and nodes/*/ private.",
+        epilog="Examples:\n"
+        "  hypermesh cluster init --nodes 4 --out .cluster\n"
+        "  hypermesh cluster init --nodes 7 --out /cluster --address-template 'node-{i}:9292'\n"
+        "  hypermesh cluster init --nodes 4 --out c --param min_stake=5000 --signing-scheme Ed25519",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    init.add_argument("--nodes", type=int, default=4, help="number of validators n; n = 3f+1 tolerates f faults (default 4)")
+    init.add_argument("--out", required=True, metavar="DIR", help="directory to create (refuses to overwrite without --force)")
+    init.add_argument("--address-template", default="[::1]:{port}", metavar="TEMPLATE",
+                      help="each node's address; {i} is the node number (1..n), {port} is base-port+i-1 "
+                      "(default '[::1]:{port}')")
+    init.add_argument("--base-port", type=int, default=9292, help="first port for {port} (default 9292)")
+    init.add_argument("--signing-scheme", default="ML-DSA-65",
+                      choices=("ML-DSA-87", "ML-DSA-65", "ML-DSA-44", "FALCON-1024", "Ed25519"),
+                      help="consensus signing scheme of the nodes (default ML-DSA-65, post-quantum; Ed25519 is ~20x faster to sign)")
+    init.add_argument("--extra-dns", action="append", metavar="NAME",
+                      help="extra DNS name in every node certificate (default 'consensus', the shared service alias)")
+    init.add_argument("--param", action="append", metavar="NAME=VALUE",
+                      help="override a validation parameter, e.g. min_stake=5000 or work_difficulty_bits=16")
+    init.add_argument("--force", action="store_true", help="replace an existing cluster's keys")
+    init.set_defaults(func=cmd_cluster_init)
+
+    up = sub.add_parser(
+        "up", help="run a local N-node cluster on [::1] until Ctrl-C",
+        description="Start N consensus-server processes on [::1], wait until every node is healthy, print the "
+        "endpoints, and stop them cleanly on Ctrl-C. Keys are created once in --dir and reused.",
+        epilog="Examples:\n  hypermesh up\n  hypermesh up --nodes 7 --dir .cluster7 --base-port 9392 --metrics-base-port 9564",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up.add_argument("--nodes", type=int, default=4, help="validators to run (default 4, f=1)")
+    up.add_argument("--dir", default=DEFAULT_CLUSTER_DIR, help=f"cluster directory (default {DEFAULT_CLUSTER_DIR})")
+    up.add_argument("--base-port", type=int, default=9292, help="STOQ port of node-1; node-i uses base+i-1 (default 9292)")
+    up.add_argument("--metrics-base-port", type=int, default=9464, help="Prometheus port of node-1; 0 disables (default 9464)")
+    up.add_argument("--fresh", action="store_true", help="delete the cluster directory (keys and data) first")
+    up.add_argument("--cache", action="store_true", help="enable each node's result cache")
+    up.add_argument("--param", action="append", metavar="NAME=VALUE", help="validation parameter for a new cluster")
+    up.add_argument("--log-level", default="info", choices=("trace", "debug", "info", "warn", "error"))
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the nodes to become healthy")
+    up.set_defaults(func=cmd_up)
+
+    call = sub.add_parser(
+        "call", help="call an endpoint on the cluster and print the answer as JSON",
+        description="Send one request. For validate_* the result certificate is verified against the manifest "
+        "before anything is printed. Bytes are shown as 'base64:...' strings and may be given the same way.",
+        epilog="Examples:\n"
+        "  hypermesh call consensus/health\n"
+        "  hypermesh call consensus/validate_proofs --payload-file p.msgpack\n"
+        "  hypermesh call consensus/validation_status --payload '{\"request_id\": \"req-1\"}'\n"
+        "  hypermesh call cluster/status --node node-2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    call.add_argument("path", help="endpoint path, e.g. consensus/validate_proofs")
+    call.add_argument("--payload", metavar="JSON", help="payload as JSON")
+    call.add_argument("--payload-file", metavar="FILE", help="payload file: .msgpack, or JSON ('-' reads stdin)")
+    call.add_argument("--node", metavar="ID", help="ask this node only (no failover)")
+    call.add_argument("--full", action="store_true", help="also print the certified result bytes and certificate")
+    call.add_argument("--raw", action="store_true", help="write the answer as msgpack to stdout")
+    _client_options(call)
+    call.set_defaults(func=cmd_call)
+
+    status = sub.add_parser("status", help="a table of nodes: health, view, leader, last committed sequence, evidence")
+    status.add_argument("--json", action="store_true", help="print every node's cluster/status as JSON")
+    _client_options(status)
+    status.set_defaults(func=cmd_status)
+
+    health = sub.add_parser("health", help="exit 0 when the node answers consensus/health healthy (for health checks)",
+                            epilog="Example: hypermesh health --cluster /cluster --endpoint [::1]:9292")
+    health.add_argument("-v", "--verbose", action="store_true", help="print the whole health document")
+    _client_options(health)
+    health.set_defaults(func=cmd_health, timeout=5.0)
+
+    evidence = sub.add_parser("evidence", help="Byzantine evidence a node has recorded (signed, re-checkable)")
+    evidence.add_argument("--node", metavar="ID", help="ask this node (default: any)")
+    evidence.add_argument("--accused", metavar="ID", help="only evidence against this node")
+    _client_options(evidence)
+    evidence.set_defaults(func=cmd_evidence)
+
+    for module_name in ("cluster.proofs_cli", "cluster.simulate_cli"):
+        try:
+            module = __import__(module_name, fromlist=["add_commands"])
+        except ImportError as exc:  # pragma: no cover - only while a module is missing
+            print(f"hypermesh: {module_name} unavailable: {exc}", file=sys.stderr)
+            continue
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .manifest import ManifestError
+
+    try:
+        return int(args.func(args) or 0)
+    except ManifestError as exc:
+        print(f"hypermesh: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

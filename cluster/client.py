@@ -1,0 +1,245 @@
+"""The cluster client: talks to any node, prefers the leader, fails over, and never
+believes a result it cannot verify.
+
+Every final result carries a result certificate: 2f+1 validator signatures over a Merkle
+root and the result's inclusion path. The client checks it against the manifest's public
+keys, so the node it talked to need not be trusted. A short, forged or mismatched
+certificate raises ``UnverifiedResult`` — it is never returned as a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from consensus.certificate import verify_result_certificate
+from consensus.codec import DecodeError
+from consensus.requests import parse_request
+from consensus.validation import decode_outcome
+from transport.client import StoqClient
+from transport.envelope import ApiError, ErrorCode
+
+from .manifest import Manifest, NodeEntry, load_manifest
+
+FINAL_STATUSES = ("Valid", "Invalid", "Error")
+SHARED_SERVER_NAME = "consensus"  # in every node certificate (hypermesh cluster init --extra-dns)
+# Errors worth trying on another node: the node is down, busy, or cut off.
+FAILOVER_CODES = {ErrorCode.TransportError, ErrorCode.Timeout, ErrorCode.Overloaded, ErrorCode.RateLimited}
+
+
+class UnverifiedResult(Exception):
+    """A node returned a result whose certificate does not verify against the manifest."""
+
+
+class ClusterClient:
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        endpoints: Sequence[NodeEntry] | None = None,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        client_cert: tuple[bytes, bytes] | None = None,
+        cache_results: bool = False,
+    ) -> None:
+        self.manifest = manifest
+        self.keyring = manifest.keyring()
+        self.endpoints = list(endpoints or manifest.nodes)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._client_cert = client_cert
+        self._clients: dict[str, StoqClient] = {}
+        self.leader: str | None = None
+        self._results: dict[str, dict[str, Any]] | None = {} if cache_results else None
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: Manifest | str | os.PathLike[str], *, endpoints: Sequence[tuple[str, int]] | None = None, **kwargs: Any
+    ) -> ClusterClient:
+        """``endpoints`` overrides where to connect (a load balancer, a compose alias, published
+        ports). Which validator answers there is unknown, so the TLS name checked is the
+        cluster-wide ``consensus`` name that every node certificate carries."""
+        if not isinstance(manifest, Manifest):
+            manifest = load_manifest(Path(manifest))
+        entries = None
+        if endpoints:
+            entries = [
+                NodeEntry(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", host, port, SHARED_SERVER_NAME, "", b"")
+                for host, port in endpoints
+            ]
+        return cls(manifest, endpoints=entries, **kwargs)
+
+    async def __aenter__(self) -> ClusterClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.close()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _client_for(self, entry: NodeEntry) -> StoqClient:
+        key = f"{entry.node_id}@{entry.endpoint}"
+        client = self._clients.get(key)
+        if client is None:
+            cert, key_pem = self._client_cert or (None, None)
+            client = StoqClient(
+                entry.host, entry.port, ca_pem=self.manifest.ca_pem, server_name=entry.server_name,
+                client_cert_pem=cert, client_key_pem=key_pem, timeout_s=self.timeout_s, retries=self.retries,
+            )
+            self._clients[key] = client
+        return client
+
+    def _ordered_endpoints(self) -> list[NodeEntry]:
+        """The cached leader first (saves the forwarding hop), then the rest."""
+        if self.leader is None:
+            return list(self.endpoints)
+        first = [e for e in self.endpoints if e.node_id == self.leader]
+        return first + [e for e in self.endpoints if e.node_id != self.leader]
+
+    async def call_node(self, node_id: str, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+        """One call to one named node, no failover."""
+        entry = next((e for e in self.endpoints if e.node_id == node_id), None)
+        if entry is None:
+            raise ApiError(ErrorCode.NotFound, f"node {node_id!r} is not among this client's endpoints")
+        response = await self._client_for(entry).call_full(path, payload, timeout_s=timeout_s)
+        self._note_leader(response.metadata)
+        if not response.ok:
+            raise response.error or ApiError(ErrorCode.HandlerError, "error response without an error")
+        return response.payload
+
+    async def call(self, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+        """Call any node; on transport failure, timeout or overload try the next one."""
+        last: ApiError | None = None
+        for entry in self._ordered_endpoints():
+            try:
+                response = await self._client_for(entry).call_full(path, payload, timeout_s=timeout_s)
+            except ApiError as exc:
+                if exc.code in FAILOVER_CODES:
+                    last = exc
+                    if self.leader == entry.node_id:
+                        self.leader = None
+                    continue
+                raise
+            self._note_leader(response.metadata)
+            if response.ok:
+                return response.payload
+            if response.error is not None and response.error.code in FAILOVER_CODES:
+                last = response.error
+                continue
+            raise response.error or ApiError(ErrorCode.HandlerError, "error response without an error")
+        raise last or ApiError(ErrorCode.TransportError, "no endpoints configured")
+
+    def _note_leader(self, metadata: dict[str, str] | None) -> None:
+        if metadata and metadata.get("leader") and any(e.node_id == metadata["leader"] for e in self.endpoints):
+            self.leader = metadata["leader"]
+
+    # -- results ----------------------------------------------------------------------
+
+    def verify_result(self, payload: dict[str, Any], request_digest: bytes | None = None) -> dict[str, Any]:
+        """Check a final result's certificate and that the readable fields match the
+        certified bytes; with ``request_digest`` (the client knows what it sent) also
+        that the certified result is about exactly that request, so no node can swap
+        the content behind a request id. Returns the payload; raises UnverifiedResult."""
+        request_id = payload.get("request_id")
+        result = payload.get("result")
+        certificate = payload.get("certificate")
+        if not isinstance(request_id, str) or not isinstance(result, bytes) or not isinstance(certificate, dict):
+            raise UnverifiedResult("final result without request_id, result bytes and certificate")
+        ok, reason = verify_result_certificate(self.keyring, self.manifest.cluster_id, request_id, result, certificate)
+        if not ok:
+            raise UnverifiedResult(f"result certificate for {request_id} does not verify: {reason}")
+        outcome = decode_outcome(result)
+        if outcome.request_id != request_id or outcome.status != payload.get("status"):
+            raise UnverifiedResult(f"result fields for {request_id} do not match the certified result")
+        if request_digest is not None and outcome.request_digest != request_digest:
+            raise UnverifiedResult(f"the certified result for {request_id} is about a different request than the one sent")
+        signers = len(certificate.get("signatures") or [])
+        metrics = payload.get("metrics") or {}
+        if not isinstance(metrics.get("validator_nodes"), int) or metrics["validator_nodes"] < signers:
+            raise UnverifiedResult(f"validator_nodes for {request_id} is lower than the certificate's signers")
+        return payload
+
+    async def _validate(self, path: str, payload: dict[str, Any], wait_s: float) -> dict[str, Any]:
+        request_id = payload.get("request_id") if isinstance(payload, dict) else None
+        kind = "certificate" if path.endswith("validate_certificate") else "proofs"
+        try:
+            request_digest: bytes | None = parse_request(kind, payload).digest
+        except DecodeError as exc:  # the node answers InvalidRequest naming the field
+            raise ApiError(ErrorCode.InvalidRequest, f"{exc.field}: {exc.message}") from None
+        if self._results is not None and isinstance(request_id, str) and request_id in self._results:
+            return self._results[request_id]
+        result = await self.call(path, payload)
+        if isinstance(result, dict) and result.get("status") == "Pending" and isinstance(request_id, str):
+            result = await self.wait_final(request_id, wait_s)
+        verified = self.verify_result(result, request_digest)
+        if self._results is not None and isinstance(request_id, str):
+            self._results[request_id] = verified
+        return verified
+
+    async def validate_proofs(self, payload: dict[str, Any], wait_s: float = 60.0) -> dict[str, Any]:
+        return await self._validate("consensus/validate_proofs", payload, wait_s)
+
+    async def validate_certificate(self, payload: dict[str, Any], wait_s: float = 60.0) -> dict[str, Any]:
+        return await self._validate("consensus/validate_certificate", payload, wait_s)
+
+    async def validation_status(self, request_id: str, node_id: str | None = None) -> dict[str, Any]:
+        payload = {"request_id": request_id}
+        if node_id is not None:
+            result = await self.call_node(node_id, "consensus/validation_status", payload)
+        else:
+            result = await self.call("consensus/validation_status", payload)
+        if isinstance(result, dict) and result.get("status") in FINAL_STATUSES:
+            self.verify_result(result)
+        return result
+
+    async def wait_final(self, request_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Poll ``validation_status`` until the request is final (backing off)."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.05
+        while True:
+            try:
+                result = await self.call("consensus/validation_status", {"request_id": request_id})
+                if isinstance(result, dict) and result.get("status") in FINAL_STATUSES:
+                    return result
+            except ApiError as exc:
+                if exc.code != ErrorCode.NotFound:
+                    raise
+            if time.monotonic() + delay > deadline:
+                raise ApiError(ErrorCode.Timeout, f"{request_id} not final after {timeout_s:.0f}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    # -- cluster information ----------------------------------------------------------
+
+    async def health(self, node_id: str | None = None) -> dict[str, Any]:
+        if node_id is None:
+            return await self.call("consensus/health")
+        return await self.call_node(node_id, "consensus/health")
+
+    async def status(self) -> list[dict[str, Any]]:
+        """``cluster/status`` of every node; an unreachable node is reported, not raised."""
+        async def one(entry: NodeEntry) -> dict[str, Any]:
+            try:
+                status = await self.call_node(entry.node_id, "cluster/status", timeout_s=3.0)
+                return {"node_id": entry.node_id, "endpoint": entry.endpoint, "reachable": True, **status}
+            except ApiError as exc:
+                return {"node_id": entry.node_id, "endpoint": entry.endpoint, "reachable": False, "error": str(exc)}
+
+        return list(await asyncio.gather(*(one(e) for e in self.endpoints)))
+
+    async def evidence(self, node_id: str | None = None, accused: str | None = None) -> dict[str, Any]:
+        payload = {"accused": accused} if accused else {}
+        if node_id is None:
+            return await self.call("consensus/evidence", payload)
+        return await self.call_node(node_id, "consensus/evidence", payload)

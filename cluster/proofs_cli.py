@@ -1,0 +1,204 @@
+"""``hypermesh proofs`` — make proof sets and holder keys from the command line.
+
+The lead wires ``add_commands(subparsers)`` into ``cluster/cli.py``; each registered
+parser sets ``func`` (called as ``func(args) -> int``). ``python -m cluster.proofs_cli``
+runs the same commands stand-alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from consensus.codec import DecodeError
+from consensus.crypto import kem_scheme
+from consensus.proofs.params import ValidationParams
+from consensus.prover import FAULTS, HolderKeys, StorageCommitment, make_certificate_request, make_proof_set
+
+MAKE_EPILOG = """\
+examples:
+  # a valid proof set for consensus/validate_proofs, as JSON (bytes base64):
+  hypermesh proofs make --request-id req-1 --manifest cluster/manifest.json
+  # a TrustChain certificate request, msgpack payload written to a file:
+  hypermesh proofs make --kind certificate --request-id cert-7 --common-name api.example.com \\
+      --san api.example.com --san www.example.com --manifest cluster/manifest.json --out cert-7.msgpack
+  # reuse one holder key (so the time chain continues) and break the space proof on purpose:
+  hypermesh proofs keygen --scheme ML-DSA-65 --out holder.json
+  hypermesh proofs make --request-id req-2 --key holder.json --broken space:path
+
+The manifest is JSON with a "validation" section (ValidationParams.to_json_dict()); a
+bare validation object works too. Without --manifest the defaults are used with a fresh
+cluster KEM key, which no real cluster can open: fine for trying things, not for a cluster.
+
+--broken PROOF[:HOW] builds a proof whose only defect is the one named; validators must
+answer with the listed reason code:
+""" + "\n".join(f"  {p + ':' + h:<18} -> {code}" for p, hows in FAULTS.items() for h, code in hows.items())
+
+KEYGEN_EPILOG = """\
+examples:
+  hypermesh proofs keygen --out holder.json                 # FALCON-1024 (cluster default)
+  hypermesh proofs keygen --scheme ML-DSA-87 --out holder.json
+
+The file is JSON {"scheme", "public_key", "private_key"} with base64 keys. It holds a
+private key: keep it private. The holder id (time chain key) is printed to stderr.
+"""
+
+
+def _b64(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {k: _b64(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_b64(v) for v in value]
+    return value
+
+
+def _load_params(path: str | None) -> ValidationParams:
+    if path is None:
+        public, _private = kem_scheme("ML-KEM-1024").generate()
+        print("warning: no --manifest given; using default parameters and a fresh cluster KEM key "
+              "(proofs sealed to it open on no real cluster)", file=sys.stderr)
+        return ValidationParams(kem_public_key=public)
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and "validation" not in data and "kem_public_key" not in data:
+        raise ValueError(f"{path} has no 'validation' section (ValidationParams.to_json_dict())")
+    section = data.get("validation", data) if isinstance(data, dict) else data
+    params = ValidationParams.from_json_dict(section)
+    if not params.kem_public_key:
+        raise SystemExit(f"error: {path}: validation.kem_public_key is empty")
+    return params
+
+
+def _load_holder(path: str | None, scheme: str) -> HolderKeys:
+    if path is None:
+        holder = HolderKeys.generate(scheme)
+        print(f"warning: no --key given; made a one-off {scheme} holder {holder.holder_id.hex()}", file=sys.stderr)
+        return holder
+    data = json.loads(Path(path).read_text())
+    return HolderKeys(data["scheme"], base64.b64decode(data["public_key"]), base64.b64decode(data["private_key"]))
+
+
+def _parse_broken(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    proof, _, how = value.partition(":")
+    if proof not in FAULTS:
+        raise SystemExit(f"error: --broken: unknown proof {proof!r}; choose from {', '.join(FAULTS)}")
+    how = how or next(iter(FAULTS[proof]))
+    if how not in FAULTS[proof]:
+        raise SystemExit(f"error: --broken {proof}: unknown variant {how!r}; choose from {', '.join(FAULTS[proof])}")
+    return proof, how
+
+
+def cmd_make(args: argparse.Namespace) -> int:
+    try:
+        params = _load_params(args.manifest)
+    except (OSError, ValueError, DecodeError) as exc:
+        print(f"error: cannot read --manifest: {exc}", file=sys.stderr)
+        return 2
+    fault = _parse_broken(args.broken)
+    if fault is not None and args.kind == "proofs" and fault[0] in ("csr", "policy"):
+        print("error: csr/policy faults need --kind certificate", file=sys.stderr)
+        return 2
+    holder = _load_holder(args.key, args.scheme)
+    now = args.timestamp_ms if args.timestamp_ms is not None else int(time.time() * 1000)
+    request_id = args.request_id or f"req-{secrets.token_hex(8)}"
+    storage = StorageCommitment.generate(max(args.storage_bytes or params.min_space_bytes, 2048) // 1024 * 1024, 1024)
+    if args.kind == "certificate":
+        if not args.common_name:
+            print("error: --kind certificate needs --common-name", file=sys.stderr)
+            return 2
+        csr = None
+        if args.csr:
+            raw = Path(args.csr).read_bytes()
+            csr = raw if not raw.lstrip().startswith(b"-----") else _pem_to_der(raw)
+        payload = make_certificate_request(
+            request_id, params, holder, now, common_name=args.common_name,
+            san_entries=args.san if args.san else None, validity_days=args.validity_days,
+            csr=csr, storage=storage, amount=args.amount, fault=fault)
+    else:
+        payload = make_proof_set(request_id, params, holder, now, storage=storage, amount=args.amount, fault=fault)
+    endpoint = "consensus/validate_certificate" if args.kind == "certificate" else "consensus/validate_proofs"
+    if args.out:
+        Path(args.out).write_bytes(msgpack.packb(payload, use_bin_type=True))
+        print(f"wrote {args.out}: msgpack payload for {endpoint}", file=sys.stderr)
+    else:
+        json.dump(_b64(payload), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _pem_to_der(raw: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return x509.load_pem_x509_csr(raw).public_bytes(Encoding.DER)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    holder = HolderKeys.generate(args.scheme)
+    data = {"scheme": holder.scheme, "public_key": _b64(holder.public_key), "private_key": _b64(holder.private_key)}
+    Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+    Path(args.out).chmod(0o600)
+    print(f"wrote {args.out}: {holder.scheme} holder {holder.holder_id.hex()}", file=sys.stderr)
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Register ``proofs make`` and ``proofs keygen`` under an existing subparsers object."""
+    proofs = subparsers.add_parser("proofs", help="make proof sets and holder keys",
+                                   description="Make four-proof sets (work, stake, time, space) and holder keys.")
+    sub = proofs.add_subparsers(dest="proofs_command", metavar="{make,keygen}", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    make = sub.add_parser("make", help="build a proofs or certificate request payload", epilog=MAKE_EPILOG,
+                          formatter_class=fmt, description="Build a request payload a client sends to the cluster.")
+    make.add_argument("--request-id", default=None,
+                      help="1..128 characters of [A-Za-z0-9._:-]; every proof is bound to it (default: a fresh req-<random>)")
+    make.add_argument("--kind", choices=("proofs", "certificate"), default="proofs",
+                      help="proofs -> consensus/validate_proofs; certificate -> consensus/validate_certificate")
+    make.add_argument("--manifest", "--params", dest="manifest", metavar="FILE",
+                      help="cluster manifest JSON (its 'validation' section gives the KEM key, difficulty, minimums)")
+    make.add_argument("--key", metavar="FILE", help="holder key from 'proofs keygen' (default: a one-off key)")
+    make.add_argument("--scheme", default="FALCON-1024",
+                      choices=("FALCON-1024", "ML-DSA-87", "ML-DSA-65", "ML-DSA-44", "Ed25519"),
+                      help="stake signature scheme for a one-off key (default FALCON-1024)")
+    make.add_argument("--amount", type=int, help="stake amount (default: the cluster minimum)")
+    make.add_argument("--timestamp-ms", type=int, help="time proof in Unix ms (default: now); must be within the "
+                      "cluster's offset of consensus time and after this holder's last accepted one")
+    make.add_argument("--storage-bytes", type=int, help="size of the storage commitment (default: the cluster minimum)")
+    make.add_argument("--common-name", help="certificate: subject CN (also the CSR's CN)")
+    make.add_argument("--san", action="append", metavar="NAME", help="certificate: a subjectAltName (DNS or IP); repeat (default: the CN)")
+    make.add_argument("--validity-days", type=int, default=90, help="certificate: requested validity (default 90)")
+    make.add_argument("--csr", metavar="FILE", help="certificate: use this PKCS#10 CSR (PEM or DER) instead of a fresh EC P-256 one")
+    make.add_argument("--broken", metavar="PROOF[:HOW]", help="deliberately break one proof (see the list below)")
+    make.add_argument("--out", metavar="FILE", help="write the msgpack payload here (default: JSON on stdout, bytes base64)")
+    make.set_defaults(func=cmd_make)
+
+    keygen = sub.add_parser("keygen", help="make a holder (stake) key file", epilog=KEYGEN_EPILOG,
+                            formatter_class=fmt, description="Make a holder key: its public key is the holder's identity.")
+    keygen.add_argument("--scheme", default="FALCON-1024", choices=("FALCON-1024", "ML-DSA-87", "ML-DSA-65", "ML-DSA-44"),
+                        help="signature scheme (default FALCON-1024)")
+    keygen.add_argument("--out", required=True, metavar="FILE", help="where to write the key file (mode 0600)")
+    keygen.set_defaults(func=cmd_keygen)
+    return proofs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hypermesh")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

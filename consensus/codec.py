@@ -1,0 +1,96 @@
+"""Canonical msgpack for everything that is hashed or signed, and bounded decoding.
+
+Canonical means: one byte string per value. Maps are written with their keys sorted
+(keys must be ``str``), integers in their shortest form (msgpack does that), ``bytes``
+as bin and ``str`` as str. Floats are refused: a float in signed data is a determinism
+trap (NaN, -0.0, rounding across platforms).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgpack
+
+MAX_DEPTH = 32
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a well-formed, bounded message. ``field`` names where."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _canonical(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise ValueError("value nested too deeply for canonical encoding")
+    if isinstance(value, dict):
+        items = []
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"canonical maps need str keys, got {type(key).__name__}")
+            items.append(key)
+        return {key: _canonical(value[key], depth + 1) for key in sorted(items)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item, depth + 1) for item in value]
+    if isinstance(value, float):
+        raise TypeError("floats are not allowed in canonical (signed or hashed) data")
+    if value is None or isinstance(value, (bool, int, str, bytes)):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"cannot canonically encode {type(value).__name__}")
+
+
+def canonical_pack(value: Any) -> bytes:
+    """The one encoding of ``value`` that is hashed and signed."""
+    return msgpack.packb(_canonical(value), use_bin_type=True)
+
+
+def digest(value: Any) -> bytes:
+    """SHA-256 of the canonical encoding."""
+    return hashlib.sha256(canonical_pack(value)).digest()
+
+
+def unpack_bounded(data: bytes, *, max_size: int, field: str = "message", max_depth: int = MAX_DEPTH) -> Any:
+    """Decode msgpack from an untrusted peer: size, container length, depth and map key
+    types are all bounded, and extension types and trailing bytes are refused."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError(field, f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_size:
+        raise DecodeError(field, f"{len(data)} bytes exceeds the limit of {max_size}")
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=max_size,
+            max_bin_len=max_size,
+            max_array_len=min(max_size, 100_000),
+            max_map_len=min(max_size, 100_000),
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData:
+        raise DecodeError(field, "trailing bytes after the message") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise DecodeError(field, f"not valid msgpack ({exc.__class__.__name__}: {exc})") from None
+    check_depth(value, max_depth, field)
+    return value
+
+
+def check_depth(value: Any, max_depth: int, field: str = "message") -> None:
+    """Iterative, so a hostile 10,000-deep value cannot blow the Python stack."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise DecodeError(field, f"nested deeper than {max_depth} levels")
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)

@@ -1,0 +1,111 @@
+"""Checks of forwarded quorum proofs: checkpoint, prepared and committed certificates,
+view-changes, and the deterministic re-proposal set of a new view.
+
+Pure functions of (key ring, cluster id, wire bytes), so every replica — and the
+simulator's invariant checkers — reach the same verdict on the same proof.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from consensus.keys import KeyRing
+from consensus.messages import (
+    CHECKPOINT, COMMIT, PREPARE, Batch, CommittedBatch, PreparedCert, ViewChange, batch_digest, decode_verified,
+)
+
+
+def checkpoint_proof_digest(keyring: KeyRing, cluster_id: str, seq: int, wires: tuple[bytes, ...]) -> bytes | None:
+    """The state digest that 2f+1 distinct validators signed for ``seq``, or None."""
+    votes: dict[bytes, set[str]] = {}
+    for wire in wires:
+        msg = decode_verified(wire, keyring, cluster_id, CHECKPOINT)
+        if msg is None or msg.payload.seq != seq:  # type: ignore[union-attr]
+            return None
+        votes.setdefault(msg.payload.state_digest, set()).add(msg.signer)  # type: ignore[union-attr]
+    for value in sorted(votes):
+        if len(votes[value]) >= keyring.quorum:
+            return value
+    return None
+
+
+def _quorum_of(keyring: KeyRing, cluster_id: str, kind: str, view: int, seq: int, digest: bytes,
+               wires: tuple[bytes, ...]) -> bool:
+    signers: set[str] = set()
+    for wire in wires:
+        msg = decode_verified(wire, keyring, cluster_id, kind)
+        if msg is None:
+            return False
+        p = msg.payload
+        if (p.view, p.seq, p.digest) != (view, seq, digest):  # type: ignore[union-attr]
+            return False
+        signers.add(msg.signer)
+    return len(signers) >= keyring.quorum
+
+
+def verify_prepared(keyring: KeyRing, cluster_id: str, cert: PreparedCert) -> bool:
+    digest = batch_digest(cert.agreed_time_ms, cert.requests)
+    return _quorum_of(keyring, cluster_id, PREPARE, cert.view, cert.seq, digest, cert.prepares)
+
+
+def verify_committed(keyring: KeyRing, cluster_id: str, batch: CommittedBatch) -> bool:
+    digest = batch_digest(batch.agreed_time_ms, batch.requests)
+    return _quorum_of(keyring, cluster_id, COMMIT, batch.view, batch.seq, digest, batch.commits)
+
+
+def verify_view_change(keyring: KeyRing, cluster_id: str, vc: ViewChange) -> bool:
+    """Every claim in a view-change is backed by signatures of others."""
+    if vc.stable_seq > 0:
+        if checkpoint_proof_digest(keyring, cluster_id, vc.stable_seq, vc.checkpoint_proof) is None:
+            return False
+    elif vc.checkpoint_proof:
+        return False
+    seen: set[int] = set()
+    for cert in vc.prepared:
+        if cert.seq <= vc.stable_seq or cert.seq in seen or cert.view >= vc.new_view:
+            return False
+        seen.add(cert.seq)
+        if not verify_prepared(keyring, cluster_id, cert):
+            return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class NewViewPlan:
+    """What a new view starts from: the highest proven stable checkpoint and, for every
+    seq above it up to the highest prepared one, the batch to re-propose (the one
+    prepared in the highest view, or an empty "null" batch)."""
+
+    stable_seq: int
+    stable_digest: bytes | None
+    checkpoint_proof: tuple[bytes, ...]
+    batches: tuple[tuple[int, int, Batch], ...]  # (seq, agreed_time_ms, requests)
+
+
+def plan_new_view(keyring: KeyRing, cluster_id: str, vcs: list[ViewChange]) -> NewViewPlan:
+    stable_seq, proof, stable_digest = 0, (), None
+    for vc in vcs:
+        if vc.stable_seq > stable_seq:
+            stable_seq, proof = vc.stable_seq, vc.checkpoint_proof
+    if stable_seq:
+        stable_digest = checkpoint_proof_digest(keyring, cluster_id, stable_seq, proof)
+    best: dict[int, PreparedCert] = {}
+    for vc in vcs:
+        for cert in vc.prepared:
+            if cert.seq <= stable_seq:
+                continue
+            held = best.get(cert.seq)
+            if held is None or cert.view > held.view:
+                best[cert.seq] = cert
+    top = max(best, default=stable_seq)
+    batches = []
+    for seq in range(stable_seq + 1, top + 1):
+        cert = best.get(seq)
+        batches.append((seq, cert.agreed_time_ms, cert.requests) if cert else (seq, 0, ()))
+    return NewViewPlan(stable_seq, stable_digest, tuple(proof), tuple(batches))
+
+
+def snapshot_digest(blob: bytes) -> bytes:
+    """A checkpoint's state digest: SHA-256 of canonical_pack([app_snapshot, bookkeeping])."""
+    return hashlib.sha256(blob).digest()

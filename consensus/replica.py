@@ -1,0 +1,1595 @@
+"""The PBFT replica: a sans-I/O state machine (events in, actions out).
+
+Shape (after Castro & Liskov, and indy-plenum's split into services):
+
+* ordering — the leader batches requests into pre-prepares; 2f+1 prepares make a batch
+  *prepared*, 2f+1 commits make it *committed*; batches execute strictly in seq order;
+* results — after executing a batch every replica signs ONE result-vote over the Merkle
+  root of the batch's results; 2f+1 equal roots make each result final;
+* checkpoints — every ``checkpoint_interval`` batches; 2f+1 equal signed state digests
+  make it stable, and the log below it is dropped;
+* view change — request timers on followers, exponential back-off, view-changes carrying
+  prepared certificates, a new-view that everyone re-derives and checks;
+* state transfer — a replica that is behind fetches a checkpoint (checked against 2f+1
+  signed checkpoints) and then committed batches (each with 2f+1 signed commits).
+
+Everything here is deterministic. Time only arrives as ``now_ms``; dicts are iterated in
+insertion order only where that order is itself a function of the inputs, and anything
+signed or sent is ordered by seq or by key-ring order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from consensus import merkle
+from consensus.actions import (
+    Action, AlreadyExecuted, Application, Committed, Evidence, Final, Persist, Rejected, ResultCertificate, Send,
+    StateTransferred, ViewChanged,
+)
+from consensus.certificate import result_leaf
+from consensus.codec import DecodeError, canonical_pack, unpack_bounded
+from consensus.evidence import EQUIVOCATION, WRONG_RESULT
+from consensus.keys import KeyRing, NodeKey
+from consensus.messages import (
+    BATCHES, CHECKPOINT, COMMIT, FETCH_BATCHES, FETCH_RESULTS, FETCH_STATE, FETCH_VIEW, RESULTS, MAX_BATCH_BYTES, MAX_BATCHES_PER_REPLY,
+    MAX_MESSAGE_BYTES, MAX_REQUEST_ID_CHARS, NEW_VIEW, PRE_PREPARE, PREPARE, REQUEST, RESULT_VOTE, SIGNED_KINDS,
+    STATE, VIEW_CHANGE, Batch, BatchesReply, CheckpointVote, Commit, CommittedBatch, FetchBatches, FetchState,
+    FetchView, Message, NewView, PreparedCert, PrePrepare, Prepare, RequestMsg, ResultVote, StateReply, ViewChange,
+    CertifiedResults, FetchResults, ResultsReply, batch_digest, decode, decode_verified, encode, request_digest,
+    encode_signed, preprepare_header_bytes, preprepare_header_wire, result_vote_bytes, verify,
+)
+from consensus.pbft_log import BatchResult, Slot
+from consensus.pbft_proofs import (
+    checkpoint_proof_digest, plan_new_view, snapshot_digest, verify_committed, verify_view_change,
+)
+from consensus.quorum import VoteSet
+
+MAX_PENDING_REQUESTS = 100_000
+VIEW_CHANGE_BACKOFF_CAP = 32  # the view-change timeout grows at most to 32x the base
+MAX_VOTE_RETRIES = 5
+PROBE_INTERVAL_FACTOR = 10  # idle replicas ask a peer for news every 10 x request_timeout_ms
+MAX_VIEW_LEAP = 64  # messages for views further ahead are ignored (bounds memory)
+RESULT_RETENTION_CHECKPOINTS = 2  # keep committed batches this many checkpoints for laggards
+RESULT_RETENTION_BATCHES = 64  # keep certified batch results at least this long (late votes, fetch-results)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaConfig:
+    """Cluster-wide settings; every replica must use the same values.
+
+    ``window``: the leader keeps at most this many batches proposed but not yet executed
+    (locally). The acceptance watermarks are ``(stable_seq, stable_seq + log_size]`` with
+    ``log_size = max(2 * checkpoint_interval, window)``: followers accept pre-prepares that
+    far ahead so the next checkpoint is always reachable.
+
+    Batching (leader only, so it does not affect safety): a full batch is proposed
+    whenever the window has room; a partial one once its oldest request waited
+    ``batch_max_delay_ms`` and fewer than ``max_partial_in_flight`` batches are proposed
+    but not executed, or once it waited ``batch_max_wait_ms``.
+    """
+
+    cluster_id: str
+    batch_max_requests: int = 64
+    batch_max_delay_ms: int = 5
+    max_partial_in_flight: int = 2
+    batch_max_wait_ms: int = 50
+    window: int = 8
+    checkpoint_interval: int = 16
+    view_change_timeout_ms: int = 2000
+    request_timeout_ms: int = 1000
+    max_request_bytes: int = 256 * 1024
+    max_clock_skew_ms: int = 30000
+
+    @property
+    def log_size(self) -> int:
+        return max(2 * self.checkpoint_interval, self.window)
+
+
+MAX_TIMER_EXTENSIONS = 8
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: bytes
+    arrived_ms: int
+    deadline_ms: int
+    stage: int  # 0: forwarded to the leader; 1: broadcast to all (next expiry -> view change)
+    local: bool  # submitted to this node (persisted until executed)
+    extensions: int = 0  # timer restarts granted because the leader kept making progress
+
+
+@dataclass(slots=True)
+class _Transfer:
+    seq: int
+    digest: bytes
+    proof: tuple[bytes, ...]
+    next_try_ms: int = 0
+    tries: int = 0
+
+
+@dataclass(slots=True)
+class _Foreign:
+    """Result votes for a batch this replica holds no results of (it skipped the batch
+    by state transfer, or restored a checkpoint past it): see ``_on_foreign_vote``."""
+
+    votes: dict[str, tuple[bytes, bytes, bytes]]  # signer -> (root, signature, wire)
+    mine: bytes = b""  # our co-signed vote wire, once f+1 validators agreed on a root
+    answered: dict[str, int] | None = None
+
+
+@dataclass(slots=True)
+class _Stable:
+    seq: int = 0
+    digest: bytes | None = None
+    proof: tuple[bytes, ...] = ()
+    blob: bytes | None = None  # canonical_pack([app_snapshot, bookkeeping]) for state transfer
+
+
+def _key(kind: str, seq: int) -> str:
+    return f"{kind}/{seq:016d}"
+
+
+def _header_wire(msg: Message) -> bytes:
+    """The leader's signed header of a received pre-prepare (requests stripped)."""
+    pp: PrePrepare = msg.payload  # type: ignore[assignment]
+    return preprepare_header_wire(msg.cluster_id, msg.signer, pp.view, pp.seq, pp.agreed_time_ms, pp.digest, msg.signature)
+
+
+class Replica:
+    """One validator's PBFT state machine. See docs/CONSENSUS.md."""
+
+    def __init__(self, config: ReplicaConfig, key: NodeKey, keyring: KeyRing, app: Application,
+                 durable: Mapping[str, bytes] | None = None, now_ms: int = 0) -> None:
+        if key.node_id not in keyring:
+            raise ValueError(f"node {key.node_id!r} is not in the key ring")
+        self.config = config
+        self.key = key
+        self.keyring = keyring
+        self.app = app
+        self._cid = config.cluster_id
+        self._now = now_ms
+        self._out: list[Action] = []
+
+        self._view = 0
+        self._in_view_change = False
+        self._vc_target = 0
+        self._vc_attempts = 0
+        self._vc_deadline = 0
+        self._view_changes: dict[int, dict[str, Message]] = {}
+        self._new_view_wire: bytes | None = None
+        self._sent_new_view: set[int] = set()
+        self._higher_view_seen: dict[int, set[str]] = {}
+        self._next_fetch_view_ms = 0
+        self._helped: dict[str, int] = {}
+
+        self._slots: dict[int, Slot] = {}
+        self._stable = _Stable()
+        self._checkpoint_votes: dict[int, VoteSet] = {}
+        self._own_checkpoints: dict[int, tuple[bytes, bytes]] = {}  # seq -> (digest, blob)
+        self._last_executed = 0
+        self._last_progress_ms = now_ms  # when this replica last executed a batch
+        self._last_time_ms = 0
+        self._executed: dict[str, int] = {}
+        self._in_flight: dict[str, int] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._next_seq = 1
+        self._queue: dict[str, None] = {}  # unproposed pending ids, arrival order (see _unproposed)
+        self._queue_bytes = 0
+        self._queue_dirty = False
+        self._proposing = False
+        self._results: dict[int, BatchResult] = {}
+        self._early_votes: dict[int, dict[str, tuple[bytes, bytes, bytes]]] = {}
+        self._foreign: dict[int, _Foreign] = {}  # seq -> votes on results we do not hold
+        self._missing_results: dict[int, None] = {}  # skipped seqs whose results we still want
+        self._results_fetch_at = 0
+        self._results_fetch_tries = 0
+        self._persisted_results: set[int] = set()  # seqs with a durable result/<seq> record
+        self._transfer: _Transfer | None = None
+        self._probes_left = 0
+        self._last_probe_ms = now_ms
+        self._retained: dict[int, CommittedBatch] = {}  # truncated but still served to laggards
+        self._ahead_seq = 0
+        self._last_progress_ms = now_ms
+        self._next_fetch_ms = 0
+        self._peer_cursor = 0
+        self._own_votes: dict[tuple[str, int], tuple[int, bytes, bytes]] = {}  # (kind, seq) -> (view, digest, wire)
+        self._persisted: dict[str, set[int]] = {"vote": set(), "prepared": set(), "committed": set()}
+
+        self.counters: dict[str, int] = {}
+        self.penalties: dict[str, int] = {n: 0 for n in keyring.node_ids}
+        self._evidence_seen: set[tuple[str, str, int, int]] = set()
+
+        if durable:
+            self._recover(durable)
+            self._probes_left = 2 * keyring.n
+            self._last_probe_ms = now_ms - 10**9  # first probe on the first tick
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def node_id(self) -> str:
+        return self.key.node_id
+
+    @property
+    def view(self) -> int:
+        return self._view
+
+    @property
+    def leader(self) -> str:
+        return self._leader_of(self._view)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leader == self.node_id and not self._in_view_change
+
+    @property
+    def last_executed_seq(self) -> int:
+        return self._last_executed
+
+    @property
+    def stable_checkpoint_seq(self) -> int:
+        return self._stable.seq
+
+    @property
+    def in_view_change(self) -> bool:
+        return self._in_view_change
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "view": self._view,
+            "leader": self.leader,
+            "is_leader": self.is_leader,
+            "in_view_change": self._in_view_change,
+            "view_change_target": self._vc_target if self._in_view_change else None,
+            "last_executed_seq": self._last_executed,
+            "stable_checkpoint_seq": self._stable.seq,
+            "low_watermark": self._stable.seq,
+            "high_watermark": self._stable.seq + self.config.log_size,
+            "pending_requests": len(self._pending),
+            "in_flight_batches": sum(1 for s in self._slots.values() if s.has_batch and s.seq > self._last_executed),
+            "executed_requests": len(self._executed),
+            "state_transfer": None if self._transfer is None else {"seq": self._transfer.seq, "tries": self._transfer.tries},
+            "n": self.keyring.n,
+            "f": self.keyring.f,
+            "counters": dict(sorted(self.counters.items())),
+            "penalties": dict(self.penalties),
+        }
+
+    def _leader_of(self, view: int) -> str:
+        """Round robin over the key ring in manifest order. Validators with evidence are
+        NOT skipped: evidence is local knowledge until it is itself ordered, and a leader
+        choice that differs between replicas would stall view changes."""
+        ids = self.keyring.node_ids
+        return ids[view % len(ids)]
+
+    # ------------------------------------------------------------------ driver API
+
+    def submit(self, request_id: str, request: bytes, now_ms: int) -> list[Action]:
+        self._now = now_ms
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
+            self._out.append(Rejected(str(request_id)[:MAX_REQUEST_ID_CHARS], "InvalidRequest",
+                                      f"request_id must be a non-empty string of at most {MAX_REQUEST_ID_CHARS} characters"))
+            return self._flush()
+        if not isinstance(request, bytes) or len(request) > self.config.max_request_bytes:
+            self._out.append(Rejected(request_id, "InvalidRequest",
+                                      f"request must be bytes of at most {self.config.max_request_bytes}"))
+            return self._flush()
+        seq = self._executed.get(request_id)
+        if seq is not None:
+            self._out.append(AlreadyExecuted(request_id, seq))
+            return self._flush()
+        if request_id in self._pending:
+            return self._flush()
+        if len(self._pending) >= MAX_PENDING_REQUESTS:
+            self._out.append(Rejected(request_id, "Overloaded", "too many pending requests"))
+            return self._flush()
+        self._out.append(Persist(((f"pending/{request_id}", request),)))
+        self._pending[request_id] = _Pending(request, now_ms, now_ms + self.config.request_timeout_ms, 0, True)
+        self._enqueue(request_id)
+        if self._in_view_change:
+            # No leader to forward to: tell everyone, so whichever view the others are
+            # in orders it (we may be alone in this view change).
+            self._pending[request_id].stage = 1
+            self._send(RequestMsg(request_id, request))
+        elif self.is_leader:
+            self._propose(now_ms, partial=False)
+        else:
+            self._send(RequestMsg(request_id, request), self.leader)
+        return self._flush()
+
+    def receive(self, sender: str, data: bytes, now_ms: int) -> list[Action]:
+        self._now = now_ms
+        if sender not in self.keyring or sender == self.node_id:
+            self._count("unknown_sender")
+            return self._flush()
+        try:
+            msg = decode(data)
+        except DecodeError:
+            self._count("malformed")
+            return self._flush()
+        if msg.cluster_id != self._cid:
+            self._count("wrong_cluster")
+            return self._flush()
+        # A new-view is a self-contained proof and may be relayed (answer to fetch-view).
+        if msg.signer != sender and msg.kind != NEW_VIEW:
+            self._count("signer_mismatch")
+            return self._flush()
+        if msg.kind in SIGNED_KINDS and not verify(msg, self.keyring, self._cid):
+            self._count("bad_signature")
+            self._count(f"bad_signature_from/{sender}")
+            return self._flush()
+        handler = self._handlers().get(msg.kind)
+        if handler is not None:
+            handler(msg, sender)
+        return self._flush()
+
+    def propose(self, now_ms: int) -> list[Action]:
+        """Close a due partial batch now. ``submit``/``receive`` only ever propose full
+        batches, so that every request arriving in one burst of events lands in the same
+        batch; a driver calls this once after each burst (the node: once per event-loop
+        pass). ``tick`` does it too, so drivers that never call it lose nothing but latency."""
+        self._now = now_ms
+        if self.is_leader:
+            self._propose(now_ms)
+        return self._flush()
+
+    def tick(self, now_ms: int) -> list[Action]:
+        self._now = now_ms
+        if self.is_leader:
+            self._propose(now_ms)
+        self._check_request_timers(now_ms)
+        if self._in_view_change and now_ms >= self._vc_deadline:
+            self._start_view_change(self._vc_target + 1)
+        self._maybe_fetch(now_ms)
+        self._retry_result_votes(now_ms)
+        self._fetch_missing_results(now_ms)
+        self._retransmit_votes(now_ms)
+        return self._flush()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _count(self, name: str, by: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + by
+
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            PRE_PREPARE: self._on_preprepare, PREPARE: self._on_prepare, COMMIT: self._on_commit,
+            RESULT_VOTE: self._on_result_vote, CHECKPOINT: self._on_checkpoint, VIEW_CHANGE: self._on_view_change,
+            NEW_VIEW: self._on_new_view, REQUEST: self._on_request, FETCH_STATE: self._on_fetch_state,
+            STATE: self._on_state, FETCH_BATCHES: self._on_fetch_batches, BATCHES: self._on_batches,
+            FETCH_VIEW: self._on_fetch_view, FETCH_RESULTS: self._on_fetch_results, RESULTS: self._on_results,
+        }
+
+    def _wire(self, payload: Any) -> bytes:
+        return encode(self._cid, self.node_id, payload, self.key.sign)
+
+    def _send(self, payload: Any, to: str | None = None) -> bytes:
+        wire = self._wire(payload)
+        self._out.append(Send(wire, to))
+        return wire
+
+    def _peers(self) -> tuple[str, ...]:
+        return tuple(n for n in self.keyring.node_ids if n != self.node_id)
+
+    def _next_peer(self, among: tuple[str, ...] | None = None) -> str:
+        peers = tuple(p for p in (among or self._peers()) if p != self.node_id) or self._peers()
+        self._peer_cursor += 1
+        return peers[self._peer_cursor % len(peers)]
+
+    def _slot(self, seq: int) -> Slot:
+        slot = self._slots.get(seq)
+        if slot is None:
+            slot = self._slots[seq] = Slot(seq)
+        return slot
+
+    def _in_window(self, seq: int) -> bool:
+        return self._stable.seq < seq <= self._stable.seq + self.config.log_size
+
+    def _note_ahead(self, seq: int) -> None:
+        if seq > self._ahead_seq:
+            self._ahead_seq = seq
+
+    # ------------------------------------------------------------------ requests
+
+    def _on_request(self, msg: Message, sender: str) -> None:
+        p: RequestMsg = msg.payload  # type: ignore[assignment]
+        if len(p.request) > self.config.max_request_bytes:
+            self._count("request_too_large")
+            return
+        if p.request_id in self._executed:
+            return
+        pending = self._pending.get(p.request_id)
+        if pending is None:
+            if len(self._pending) >= MAX_PENDING_REQUESTS:
+                self._count("pending_overflow")
+                return
+            # A relayed request starts our own timer: if the leader does not order it we
+            # vote to replace the leader (PBFT's defence against a censoring primary).
+            self._pending[p.request_id] = _Pending(p.request, self._now, self._now + self.config.request_timeout_ms, 1, False)
+            self._enqueue(p.request_id)
+            if not self._in_view_change and not self.is_leader and sender != self.leader:
+                self._send(RequestMsg(p.request_id, p.request), self.leader)
+        if self.is_leader:
+            self._propose(self._now, partial=False)
+
+    def _check_request_timers(self, now: int) -> None:
+        if self.is_leader:
+            return
+        expired_stage1 = False
+        timeout = self.config.request_timeout_ms
+        leader_progressing = now - self._last_progress_ms < timeout and not self._in_view_change
+        for rid, p in self._pending.items():
+            if rid in self._executed or now < p.deadline_ms:
+                continue
+            if leader_progressing and p.extensions < MAX_TIMER_EXTENSIONS:
+                # Batches keep executing: the leader is busy, not faulty. Under overload,
+                # suspecting it would trade a queue for a view change storm. A leader that
+                # orders others' requests but censors this one runs out of extensions.
+                p.extensions += 1
+                p.deadline_ms = now + timeout
+                continue
+            if p.stage == 0 or self._in_view_change:
+                p.stage = 1
+                p.deadline_ms = now + self.config.request_timeout_ms
+                self._send(RequestMsg(rid, p.request))  # to everybody
+            else:
+                expired_stage1 = True
+        if expired_stage1 and not self._in_view_change:
+            self._count("request_timeouts")
+            self._start_view_change(self._view + 1)
+
+    # ------------------------------------------------------------------ ordering: leader
+
+    # The unproposed queue: pending request ids that are neither in flight nor executed,
+    # in pending (arrival) order, with their total size. Kept incrementally so proposing
+    # is O(batch), not O(pending); rebuilt (rarely: view change, state transfer) when
+    # in-flight ids are released without being executed.
+
+    def _enqueue(self, rid: str) -> None:
+        if rid not in self._queue and rid not in self._in_flight and rid not in self._executed:
+            self._queue[rid] = None
+            self._queue_bytes += len(self._pending[rid].request) + len(rid)
+
+    def _dequeue(self, rid: str) -> None:
+        if rid in self._queue:
+            del self._queue[rid]
+            self._queue_bytes -= len(self._pending[rid].request) + len(rid)
+
+    def _unproposed(self) -> dict[str, None]:
+        if self._queue_dirty:
+            self._queue_dirty = False
+            self._queue = {rid: None for rid in self._pending if rid not in self._in_flight and rid not in self._executed}
+            self._queue_bytes = sum(len(self._pending[rid].request) + len(rid) for rid in self._queue)
+        return self._queue
+
+    def _release_in_flight(self, rid: str, seq: int) -> None:
+        """A proposal was dropped (view change): its requests may be proposed again."""
+        if self._in_flight.get(rid) == seq:
+            del self._in_flight[rid]
+            self._queue_dirty = True
+
+    def _propose(self, now: int, partial: bool = True) -> None:
+        """Adaptive batching. A full batch goes out whenever the window has room. A
+        partial one only once its oldest request waited ``batch_max_delay_ms`` AND fewer
+        than ``max_partial_in_flight`` batches are proposed but not executed — so under
+        load batches grow while earlier ones execute, instead of many tiny batches that
+        each cost ~3 signatures per node — or once that request waited
+        ``batch_max_wait_ms`` (latency bound, e.g. while execution stalls)."""
+        if self._proposing:
+            return  # re-entered through execution (n = 1): the outer loop carries on
+        self._proposing = True
+        try:
+            self._propose_loop(now, partial)
+        finally:
+            self._proposing = False
+
+    def _propose_loop(self, now: int, partial: bool) -> None:
+        cfg = self.config
+        while self.is_leader:
+            if self._next_seq > min(self._last_executed + cfg.window, self._stable.seq + cfg.log_size):
+                return
+            if self._transfer is not None:
+                return
+            waiting = self._unproposed()
+            if not waiting:
+                return
+            full = len(waiting) >= cfg.batch_max_requests or self._queue_bytes >= MAX_BATCH_BYTES
+            if not full:
+                if not partial:
+                    return
+                waited = now - self._pending[next(iter(waiting))].arrived_ms
+                if waited < cfg.batch_max_delay_ms:
+                    return
+                in_progress = self._next_seq - 1 - self._last_executed
+                if in_progress >= cfg.max_partial_in_flight and waited < cfg.batch_max_wait_ms:
+                    return
+            batch: list[tuple[str, bytes]] = []
+            size = 0
+            for rid in waiting:
+                if len(batch) >= cfg.batch_max_requests:
+                    break
+                req = self._pending[rid].request
+                if batch and size + len(req) + len(rid) > MAX_BATCH_BYTES:
+                    break
+                batch.append((rid, req))
+                size += len(req) + len(rid)
+            seq = self._next_seq
+            prev = self._slots.get(seq - 1)
+            prev_time = prev.agreed_time_ms if prev is not None and prev.has_batch else self._last_time_ms
+            agreed = max(prev_time + 1, now)
+            requests = tuple(batch)
+            pp = PrePrepare(self._view, seq, agreed, requests, batch_digest(agreed, requests))
+            if not self._may_vote(PRE_PREPARE, seq, self._view, pp.digest):
+                self._next_seq += 1
+                continue
+            # Sign the small header only: the digest binds the requests (FACTS.md: the
+            # ML-DSA cost grows with the bytes signed; batches can be ~1 MB).
+            signature = self.key.sign(preprepare_header_bytes(self._cid, self._view, seq, agreed, pp.digest))
+            wire = encode_signed(self._cid, self.node_id, pp, signature)
+            self._record_vote(PRE_PREPARE, seq, self._view, pp.digest, wire)
+            self._out.append(Send(wire))
+            self._next_seq += 1
+            self._accept_batch(seq, self._view, agreed, requests, pp.digest, signature)
+
+    # ------------------------------------------------------------------ ordering: votes
+
+    def _may_vote(self, kind: str, seq: int, view: int, digest: bytes) -> bool:
+        """Never sign two different values for one (kind, view, seq) — even across a crash."""
+        own = self._own_votes.get((kind, seq))
+        if own is not None and own[0] == view and own[1] != digest:
+            self._count("refused_equivocation")
+            return False
+        return True
+
+    def _record_vote(self, kind: str, seq: int, view: int, digest: bytes, wire: bytes) -> None:
+        self._own_votes[(kind, seq)] = (view, digest, wire)
+        self._persisted["vote"].add(seq)
+        self._out.append(Persist(((f"vote/{kind}/{seq:016d}", wire),)))
+
+    def _vote(self, kind: str, seq: int, view: int, digest: bytes) -> bool:
+        if not self._may_vote(kind, seq, view, digest):
+            return False
+        own = self._own_votes.get((kind, seq))
+        if own is not None and own[0] == view:
+            wire = own[2]  # already signed (e.g. before a restart): resend the same bytes
+            self._out.append(Send(wire))
+        else:
+            if kind == PREPARE:
+                slot = self._slot(seq)
+                signed = slot.view == view and slot.digest == digest
+                payload: Any = Prepare(view, seq, digest, slot.agreed_time_ms if signed else 0,
+                                       slot.leader_signature if signed else b"")
+            else:
+                payload = Commit(view, seq, digest)
+            wire = self._wire(payload)
+            self._record_vote(kind, seq, view, digest, wire)
+            self._out.append(Send(wire))
+        slot = self._slot(seq)
+        table = slot.prepares if kind == PREPARE else slot.commits
+        slot.votes(table, view).add(self.node_id, digest, wire)
+        return True
+
+    def _accept_batch(self, seq: int, view: int, agreed: int, requests: Batch, digest: bytes, leader_signature: bytes) -> None:
+        slot = self._slot(seq)
+        if slot.has_batch and slot.view != view:
+            for rid, _ in slot.requests:
+                self._release_in_flight(rid, seq)
+        slot.view, slot.digest, slot.agreed_time_ms, slot.requests = view, digest, agreed, requests
+        slot.leader_signature = leader_signature
+        if seq > self._last_executed:
+            for rid, _ in requests:
+                self._in_flight[rid] = seq
+                self._dequeue(rid)
+        if slot.sent_prepare < view and self._vote(PREPARE, seq, view, digest):
+            slot.sent_prepare = view
+        self._check_prepared(slot)
+
+    def _on_preprepare(self, msg: Message, sender: str) -> None:
+        pp: PrePrepare = msg.payload  # type: ignore[assignment]
+        cfg = self.config
+        slot_known = self._slots.get(pp.seq)
+        if slot_known is not None and sender == self._leader_of(pp.view):
+            first = slot_known.preprepares.get(pp.view)
+            if first is not None and first[0] != pp.digest:
+                self._evidence(sender, EQUIVOCATION, pp.seq, pp.view, (first[1], _header_wire(msg)),
+                               "two pre-prepares for one slot")
+                return
+        if pp.view != self._view or self._in_view_change:
+            self._note_higher_view(pp.view, sender)
+            self._help_stale(pp.view, sender)
+            self._count("stale_or_future_view")
+            return
+        if sender != self.leader:
+            self._count("not_leader")
+            return
+        if not self._in_window(pp.seq):
+            if pp.seq > self._stable.seq:
+                self._note_ahead(pp.seq)
+            self._count("out_of_window")
+            return
+        if batch_digest(pp.agreed_time_ms, pp.requests) != pp.digest:
+            self._count("bad_digest")
+            return
+        if len(pp.requests) > cfg.batch_max_requests or any(len(q) > cfg.max_request_bytes for _, q in pp.requests):
+            self._count("batch_too_large")
+            return
+        slot = self._slot(pp.seq)
+        if pp.view not in slot.preprepares:
+            slot.preprepares[pp.view] = (pp.digest, _header_wire(msg))
+            # Prepares may have overtaken the pre-prepare: do they carry another header?
+            self._check_leader_headers(slot, pp.view)
+        if pp.seq <= self._last_executed or (slot.has_batch and slot.view == pp.view):
+            return
+        prev = self._slots.get(pp.seq - 1)
+        prev_time = prev.agreed_time_ms if prev is not None and prev.has_batch and prev.requests else self._last_time_ms
+        if pp.agreed_time_ms < prev_time or abs(pp.agreed_time_ms - self._now) > cfg.max_clock_skew_ms:
+            self._count("bad_time")
+            return
+        self._accept_batch(pp.seq, pp.view, pp.agreed_time_ms, pp.requests, pp.digest, msg.signature)
+
+    def _on_prepare(self, msg: Message, sender: str) -> None:
+        self._on_order_vote(msg, sender, PREPARE)
+
+    def _on_commit(self, msg: Message, sender: str) -> None:
+        self._on_order_vote(msg, sender, COMMIT)
+
+    def _on_order_vote(self, msg: Message, sender: str, kind: str) -> None:
+        p = msg.payload
+        if p.seq <= self._stable.seq:  # type: ignore[union-attr]
+            return
+        if not self._in_window(p.seq):  # type: ignore[union-attr]
+            self._note_ahead(p.seq)  # type: ignore[union-attr]
+            self._count("out_of_window")
+            return
+        if p.view > self._view:  # type: ignore[union-attr]
+            self._note_higher_view(p.view, sender)  # type: ignore[union-attr]
+        self._help_stale(p.view, sender)  # type: ignore[union-attr]
+        if not self._view - 1 <= p.view <= self._view + MAX_VIEW_LEAP:  # type: ignore[union-attr]
+            return
+        slot = self._slot(p.seq)  # type: ignore[union-attr]
+        table = slot.prepares if kind == PREPARE else slot.commits
+        votes = slot.votes(table, p.view)  # type: ignore[union-attr]
+        first_from_sender = sender not in votes.first
+        earlier = votes.add(sender, p.digest, msg.raw)  # type: ignore[union-attr]
+        if earlier is not None:
+            self._evidence(sender, EQUIVOCATION, p.seq, p.view, (earlier, msg.raw), f"two {kind}s for one slot")  # type: ignore[union-attr]
+            return
+        if kind == PREPARE and first_from_sender:
+            self._check_leader_header(slot, p)  # type: ignore[arg-type]
+        self._note_ahead(p.seq)  # type: ignore[union-attr]
+        if kind == PREPARE:
+            self._check_prepared(slot)
+        else:
+            self._check_committed(slot)
+
+    def _check_leader_header(self, slot: Slot, p: Prepare) -> bool:
+        """A prepare carries the leader's signed header of the pre-prepare it prepares.
+        If its digest differs from the pre-prepare we saw for that (view, seq), and the
+        leader's signature holds, the leader signed two headers for one slot: evidence.
+        Costs one verification, and only when the digests differ."""
+        held = slot.preprepares.get(p.view)
+        if held is None or held[0] == p.digest or not p.leader_signature:
+            return False
+        leader = self._leader_of(p.view)
+        if (leader, EQUIVOCATION, slot.seq, p.view) in self._evidence_seen:
+            return True
+        header = preprepare_header_bytes(self._cid, p.view, slot.seq, p.agreed_time_ms, p.digest)
+        if not self.keyring.verify(leader, header, p.leader_signature):
+            self._count("bad_leader_signature")
+            return False
+        other = preprepare_header_wire(self._cid, leader, p.view, slot.seq, p.agreed_time_ms, p.digest, p.leader_signature)
+        self._evidence(leader, EQUIVOCATION, slot.seq, p.view, (held[1], other),
+                       "leader signed two pre-prepare headers for one slot (one carried by a prepare)")
+        return True
+
+    def _check_leader_headers(self, slot: Slot, view: int) -> None:
+        votes = slot.prepares.get(view)
+        held = slot.preprepares.get(view)
+        if votes is None or held is None:
+            return
+        for digest, wires in list(votes.by_value.items()):
+            if digest == held[0]:
+                continue
+            for wire in wires.values():
+                try:
+                    p = decode(wire).payload
+                except DecodeError:
+                    continue
+                if isinstance(p, Prepare) and self._check_leader_header(slot, p):
+                    return
+
+    def _check_prepared(self, slot: Slot) -> None:
+        if not slot.has_batch or slot.view != self._view or self._in_view_change:
+            return
+        votes = slot.prepares.get(slot.view)
+        if votes is None or votes.count(slot.digest) < self.keyring.quorum:  # type: ignore[arg-type]
+            return
+        if slot.prepared_cert is None or slot.prepared_cert.view < slot.view:
+            slot.prepared_cert = PreparedCert(slot.view, slot.seq, slot.agreed_time_ms, slot.requests,
+                                              votes.wires(slot.digest, self.keyring))  # type: ignore[arg-type]
+            self._persisted["prepared"].add(slot.seq)
+            self._out.append(Persist(((_key("prepared", slot.seq), canonical_pack(slot.prepared_cert.body())),)))
+        if slot.sent_commit < slot.view and self._vote(COMMIT, slot.seq, slot.view, slot.digest):  # type: ignore[arg-type]
+            slot.sent_commit = slot.view
+        self._check_committed(slot)
+
+    def _check_committed(self, slot: Slot) -> None:
+        if slot.committed or not slot.has_batch:
+            return
+        if slot.prepared_cert is None or slot.prepared_cert.view != slot.view:
+            return
+        votes = slot.commits.get(slot.view)
+        if votes is None or votes.count(slot.digest) < self.keyring.quorum:  # type: ignore[arg-type]
+            return
+        cert = CommittedBatch(slot.view, slot.seq, slot.agreed_time_ms, slot.requests,
+                              votes.wires(slot.digest, self.keyring))  # type: ignore[arg-type]
+        self._mark_committed(slot, cert)
+        self._execute_ready()
+
+    def _mark_committed(self, slot: Slot, cert: CommittedBatch) -> None:
+        slot.commit_cert = cert
+        if slot.seq > self._last_executed:
+            self._persisted["committed"].add(slot.seq)
+            self._out.append(Persist(((_key("committed", slot.seq), canonical_pack(cert.body())),)))
+
+    # ------------------------------------------------------------------ execution
+
+    def _execute_ready(self) -> None:
+        executed = False
+        while True:
+            slot = self._slots.get(self._last_executed + 1)
+            if slot is None or slot.commit_cert is None:
+                break
+            cert = slot.commit_cert
+            self._execute(cert.seq, cert.view, cert.agreed_time_ms, cert.requests)
+            executed = True
+        if executed and self.is_leader:
+            # The window moved: full batches go out now; a partial one at the end of the
+            # driver's burst of events (propose) or the next tick.
+            self._propose(self._now, partial=False)
+
+    def _execute(self, seq: int, view: int, agreed: int, requests: Batch) -> None:
+        fresh: list[tuple[str, bytes]] = []
+        for rid, req in requests:
+            if rid not in self._executed:
+                fresh.append((rid, req))  # duplicates across batches are skipped everywhere alike
+        effective = max(agreed, self._last_time_ms)
+        results: list[bytes] = []
+        if fresh:
+            results = list(self.app.execute_batch(seq, [q for _, q in fresh], effective))
+            if len(results) != len(fresh):
+                raise RuntimeError(f"application returned {len(results)} results for {len(fresh)} requests")
+            self._last_time_ms = effective
+        deletes: list[tuple[str, bytes | None]] = []
+        for rid, _ in requests:
+            self._in_flight.pop(rid, None)
+        for rid, _ in fresh:
+            if rid in self._queue:
+                self._dequeue(rid)
+            self._executed[rid] = seq
+            pending = self._pending.pop(rid, None)
+            if pending is not None and pending.local:
+                deletes.append((f"pending/{rid}", None))
+        self._last_executed = seq
+        self._last_progress_ms = self._now
+        self._last_progress_ms = self._now
+        if deletes:
+            self._out.append(Persist(tuple(deletes)))
+        self._out.append(Committed(seq, view, tuple(r for r, _ in fresh), effective))
+        if fresh:
+            self._make_result_vote(seq, view, fresh, results)
+        if seq % self.config.checkpoint_interval == 0:
+            self._make_checkpoint(seq)
+
+    # ------------------------------------------------------------------ results
+
+    def _make_result_vote(self, seq: int, view: int, fresh: list[tuple[str, bytes]], results: list[bytes]) -> None:
+        leaves = tuple(result_leaf(rid, res) for (rid, _), res in zip(fresh, results))
+        root = merkle.root(list(leaves))
+        br = BatchResult(seq, view, tuple(r for r, _ in fresh), tuple(request_digest(q) for _, q in fresh),
+                         tuple(results), leaves, root)
+        br.retry_at_ms = self._now + self._retry_delay()
+        self._results[seq] = br
+        wire = self._wire(ResultVote(seq, root))
+        sig = decode(wire).signature
+        self._out.append(Send(wire))
+        br.votes[self.node_id] = (root, sig, wire)
+        for signer, vote in self._early_votes.pop(seq, {}).items():
+            br.votes.setdefault(signer, vote)
+        self._check_final(br)
+
+    def _on_result_vote(self, msg: Message, sender: str) -> None:
+        p: ResultVote = msg.payload  # type: ignore[assignment]
+        vote = (p.root, msg.signature, msg.raw)
+        br = self._results.get(p.seq)
+        if br is None:
+            if p.seq > self._last_executed and p.seq <= self._last_executed + 2 * self.config.log_size:
+                self._early_votes.setdefault(p.seq, {}).setdefault(sender, vote)
+            elif self._results_floor() < p.seq <= self._last_executed:
+                self._on_foreign_vote(p.seq, sender, vote)
+            return
+        held = br.votes.get(sender)
+        if held is not None:
+            if held[2] == msg.raw:
+                # The sender re-broadcasts because it is not final yet: it may have
+                # missed our vote. Answer it (a few times at most).
+                self._answer_vote(br, sender)
+                return
+            if held[0] != p.root and held[2]:
+                self._evidence(sender, EQUIVOCATION, p.seq, 0, (held[2], msg.raw), "two result-votes for one batch")
+            return
+        br.votes[sender] = vote
+        if br.final_count > 0 and self._now - br.final_at_ms >= self._retry_delay():
+            # A vote long after we were final: the sender is catching up and has
+            # probably missed the votes we all sent back then.
+            self._answer_vote(br, sender)
+        self._check_final(br)
+
+    def _results_floor(self) -> int:
+        """Results of seqs at or below this are no longer kept (nor co-signed)."""
+        return self._stable.seq - max(RESULT_RETENTION_BATCHES, RESULT_RETENTION_CHECKPOINTS * self.config.checkpoint_interval)
+
+    def _on_foreign_vote(self, seq: int, sender: str, vote: tuple[bytes, bytes, bytes]) -> None:
+        """A result vote for a batch we executed only through a snapshot (state transfer,
+        or a restart from a checkpoint past it), so we hold neither its results nor a vote.
+
+        If the replicas that did execute it were cut off before their votes met (a power
+        cut), fewer than 2f+1 of them may ever vote, and the results could never become
+        final. So once f+1 distinct validators signed one root — at least one of them is
+        honest and executed the batch deterministically, so that root is THE root — we
+        co-sign it and broadcast our vote, which lets the executors reach 2f+1. We sign at
+        most one root per seq. Then we fetch the certified results to answer our clients."""
+        fv = self._foreign.get(seq)
+        if fv is None:
+            fv = self._foreign[seq] = _Foreign({})
+        held = fv.votes.get(sender)
+        if held is not None:
+            if held[2] == vote[2]:
+                # A re-broadcast: the sender is not final yet and may have missed our vote.
+                if fv.mine:
+                    answered = fv.answered if fv.answered is not None else {}
+                    fv.answered = answered
+                    if answered.get(sender, 0) < MAX_VOTE_RETRIES:
+                        answered[sender] = answered.get(sender, 0) + 1
+                        self._out.append(Send(fv.mine, sender))
+            elif held[0] != vote[0]:
+                self._evidence(sender, EQUIVOCATION, seq, 0, (held[2], vote[2]), "two result-votes for one batch")
+            return
+        fv.votes[sender] = vote
+        counts: dict[bytes, int] = {}
+        for root, _, _ in fv.votes.values():
+            counts[root] = counts.get(root, 0) + 1
+        if not fv.mine:
+            agreed = [r for r in sorted(counts) if counts[r] >= self.keyring.f + 1]
+            if not agreed:
+                return
+            root = agreed[0]
+            wire = self._wire(ResultVote(seq, root))
+            fv.mine = wire
+            fv.votes[self.node_id] = (root, decode(wire).signature, wire)
+            self._count("result_cosigned")
+            self._out.append(Send(wire))
+            counts[root] += 1
+        mine_root = fv.votes[self.node_id][0]
+        if counts.get(mine_root, 0) >= self.keyring.quorum and seq not in self._missing_results:
+            # Certified now (or soon, at the executors): fetch the results themselves.
+            self._missing_results[seq] = None
+            self._results_fetch_tries = 0
+            self._results_fetch_at = min(self._results_fetch_at, self._now)
+
+    def _fetch_missing_results(self, now: int) -> None:
+        """Ask peers (round robin, bounded) for certified results of batches we skipped."""
+        if not self._missing_results or now < self._results_fetch_at:
+            return
+        floor = self._results_floor()
+        for s in list(self._missing_results):
+            br = self._results.get(s)
+            if s <= floor or (br is not None and br.final_count > 0):
+                del self._missing_results[s]
+        if not self._missing_results or self._results_fetch_tries >= 3 * self.keyring.n:
+            self._missing_results.clear()
+            return
+        self._results_fetch_tries += 1
+        self._results_fetch_at = now + self._retry_delay()
+        first = min(self._missing_results)
+        last = min(max(self._missing_results), first + MAX_BATCHES_PER_REPLY - 1)
+        self._send(FetchResults(first, last), self._next_peer())
+
+    def _answer_vote(self, br: BatchResult, peer: str) -> None:
+        mine = br.votes.get(self.node_id)
+        sent = br.answered.get(peer, 0)
+        if mine is not None and mine[2] and sent < MAX_VOTE_RETRIES:
+            br.answered[peer] = sent + 1
+            self._out.append(Send(mine[2], peer))
+
+    def _retransmit_votes(self, now: int) -> None:
+        """Messages get lost (or were sent before the links were up, right after a
+        restart). For slots of this view that stay uncommitted, re-send our own
+        pre-prepare/prepare/commit — the same signed bytes, so never an equivocation —
+        with exponential back-off. Receivers ignore exact duplicates."""
+        if self._in_view_change:
+            return
+        for seq, slot in self._slots.items():
+            if slot.committed or not slot.has_batch or slot.view != self._view or now < slot.retry_at_ms:
+                continue
+            if slot.retry_at_ms == 0:
+                slot.retry_at_ms = now + self._retry_delay()
+                continue
+            slot.retries += 1
+            slot.retry_at_ms = now + self._retry_delay() * (2 ** min(slot.retries, 6))
+            for kind in (PRE_PREPARE, PREPARE, COMMIT):
+                own = self._own_votes.get((kind, seq))
+                if own is not None and own[0] == self._view:
+                    self._out.append(Send(own[2]))
+
+    def _retry_delay(self) -> int:
+        return max(self.config.request_timeout_ms // 4, 20)
+
+    def _retry_result_votes(self, now: int) -> None:
+        """Votes can be lost: while a batch is not final here, re-send our own vote
+        (identical bytes) with back-off; peers answer with theirs."""
+        for seq, br in self._results.items():
+            if br.final_count > 0 or br.retries >= MAX_VOTE_RETRIES or now < br.retry_at_ms:
+                continue
+            mine = br.votes.get(self.node_id)
+            if mine is None:
+                continue
+            br.retries += 1
+            br.retry_at_ms = now + self._retry_delay() * (2 ** br.retries)
+            self._out.append(Send(mine[2]))
+
+    def _check_final(self, br: BatchResult) -> None:
+        counts: dict[bytes, int] = {}
+        for root, _, _ in br.votes.values():
+            counts[root] = counts.get(root, 0) + 1
+        if br.certified_root is None:
+            for root in sorted(counts):
+                if counts[root] >= self.keyring.quorum:
+                    br.certified_root = root
+            if br.certified_root is not None and br.certified_root != br.root:
+                self._count("local_result_diverged")
+        if br.certified_root is not None:
+            self._accuse_wrong_results(br)
+        agreeing = counts.get(br.root, 0)
+        if br.certified_root != br.root or agreeing <= br.final_count:
+            return
+        late = br.final_count > 0
+        if not late:
+            br.final_at_ms = self._now
+            if br.seq in self._persisted_results:
+                self._persisted_results.discard(br.seq)
+                self._out.append(Persist(((_key("result", br.seq), None),)))
+        br.final_count = agreeing
+        sigs = tuple((n, br.votes[n][1]) for n in self.keyring.node_ids if n in br.votes and br.votes[n][0] == br.root)
+        leader = self._leader_of(br.view)
+        for i, rid in enumerate(br.request_ids):
+            cert = ResultCertificate(self._cid, br.seq, br.root, len(br.leaves), i,
+                                     tuple(merkle.inclusion_path(list(br.leaves), i)), sigs)
+            self._out.append(Final(rid, br.request_digests[i], br.results[i], cert, agreeing, self.keyring.n,
+                                   leader, br.view, late))
+
+    def _accuse_wrong_results(self, br: BatchResult) -> None:
+        root = br.certified_root
+        for signer in self.keyring.node_ids:
+            vote = br.votes.get(signer)
+            if vote is None or vote[0] == root or signer in br.accused:
+                continue
+            br.accused.add(signer)
+            backing = tuple(br.votes[n][2] for n in self.keyring.node_ids
+                            if n in br.votes and br.votes[n][0] == root and n != signer)
+            if len(backing) >= self.keyring.quorum:
+                self._evidence(signer, WRONG_RESULT, br.seq, br.view, (vote[2], *backing), "result root contradicts the certified root")
+
+    # ------------------------------------------------------------------ evidence
+
+    def _evidence(self, accused: str, kind: str, seq: int, view: int, messages: tuple[bytes, ...], detail: str) -> None:
+        key = (accused, kind, seq, view)
+        if key in self._evidence_seen:
+            return
+        self._evidence_seen.add(key)
+        self.penalties[accused] = self.penalties.get(accused, 0) + 1
+        self._count("evidence")
+        self._out.append(Evidence(accused, kind, seq, view, messages, detail))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _bookkeeping(self) -> list[Any]:
+        return [self._last_executed, self._last_time_ms, [[rid, self._executed[rid]] for rid in sorted(self._executed)]]
+
+    def _make_checkpoint(self, seq: int) -> None:
+        blob = canonical_pack([self.app.snapshot(), self._bookkeeping()])
+        digest = snapshot_digest(blob)
+        self._own_checkpoints[seq] = (digest, blob)
+        wire = self._wire(CheckpointVote(seq, digest))
+        self._out.append(Send(wire))
+        self._checkpoint_votes.setdefault(seq, VoteSet()).add(self.node_id, digest, wire)
+        self._check_stable(seq)
+
+    def _on_checkpoint(self, msg: Message, sender: str) -> None:
+        p: CheckpointVote = msg.payload  # type: ignore[assignment]
+        if p.seq <= self._stable.seq:
+            return
+        if p.seq > self._stable.seq + 4 * self.config.log_size and p.seq > self._last_executed + 4 * self.config.log_size:
+            # far ahead: keep only a bounded number of future checkpoint sets
+            if len(self._checkpoint_votes) > 64:
+                return
+        earlier = self._checkpoint_votes.setdefault(p.seq, VoteSet()).add(sender, p.state_digest, msg.raw)
+        if earlier is not None:
+            self._evidence(sender, EQUIVOCATION, p.seq, 0, (earlier, msg.raw), "two checkpoint digests for one seq")
+            return
+        self._note_ahead(p.seq)
+        self._check_stable(p.seq)
+
+    def _check_stable(self, seq: int) -> None:
+        votes = self._checkpoint_votes.get(seq)
+        if votes is None or seq <= self._stable.seq:
+            return
+        digest = votes.reached(self.keyring)
+        if digest is None:
+            return
+        proof = votes.wires(digest, self.keyring)
+        own = self._own_checkpoints.get(seq)
+        if own is not None and own[0] == digest:
+            self._stabilize(seq, digest, proof, own[1])
+        elif own is not None or self._last_executed >= seq:
+            self._count("checkpoint_diverged")
+            self._begin_transfer(seq, digest, proof)
+        else:
+            # Just behind: _maybe_fetch asks peers for the committed batches (peers keep
+            # them for a while after truncation), so we re-execute and can vote on the
+            # results; peers answer with a snapshot only when they no longer have them.
+            self._note_ahead(seq)
+
+    def _stabilize(self, seq: int, digest: bytes, proof: tuple[bytes, ...], blob: bytes) -> None:
+        if seq <= self._stable.seq:
+            return
+        self._stable = _Stable(seq, digest, proof, blob)
+        records: list[tuple[str, bytes | None]] = [("checkpoint", canonical_pack([seq, digest, blob, list(proof)]))]
+        for kind, seqs in self._persisted.items():
+            for s in sorted(x for x in seqs if x <= seq):
+                seqs.discard(s)
+                if kind == "vote":
+                    for k in (PRE_PREPARE, PREPARE, COMMIT):
+                        if (k, s) in self._own_votes:
+                            records.append((f"vote/{k}/{s:016d}", None))
+                else:
+                    records.append((_key(kind, s), None))
+        keep_results_from = seq - max(RESULT_RETENTION_BATCHES, RESULT_RETENTION_CHECKPOINTS * self.config.checkpoint_interval)
+        # Results of batches this checkpoint covers that are not final yet: after a
+        # restart from this checkpoint they could not be recomputed, and without our
+        # vote they might never reach 2f+1 (power cut). Keep them, and our vote, on disk
+        # until they are final here — normally they already are, so this costs nothing.
+        for s in sorted(self._results):
+            br = self._results[s]
+            if s <= keep_results_from:
+                if s in self._persisted_results:
+                    self._persisted_results.discard(s)
+                    records.append((_key("result", s), None))
+            elif s <= seq and br.final_count == 0 and s not in self._persisted_results:
+                mine = br.votes.get(self.node_id)
+                if mine is not None and mine[2]:
+                    self._persisted_results.add(s)
+                    entries = [[r, d, res] for r, d, res in zip(br.request_ids, br.request_digests, br.results)]
+                    records.append((_key("result", s), canonical_pack([br.view, entries, mine[2]])))
+        self._out.append(Persist(tuple(records)))
+        keep_from = seq - RESULT_RETENTION_CHECKPOINTS * self.config.checkpoint_interval
+        for s in [s for s in self._slots if s <= seq]:
+            cert = self._slots.pop(s).commit_cert
+            if cert is not None and s > keep_from:
+                self._retained[s] = cert
+        for s in [s for s in self._retained if s <= keep_from]:
+            del self._retained[s]
+        for k in [k for k in self._own_votes if k[1] <= seq]:
+            del self._own_votes[k]
+        for s in [s for s in self._checkpoint_votes if s <= seq]:
+            del self._checkpoint_votes[s]
+        for s in [s for s in self._own_checkpoints if s <= seq]:
+            del self._own_checkpoints[s]
+        for s in [s for s in self._results if s <= keep_results_from]:
+            del self._results[s]
+        for s in [s for s in self._foreign if s <= keep_results_from]:
+            del self._foreign[s]
+        for s in [s for s in self._early_votes if s <= self._last_executed]:
+            del self._early_votes[s]
+        if self._next_seq <= seq:
+            self._next_seq = seq + 1
+
+    # ------------------------------------------------------------------ state transfer
+
+    def _begin_transfer(self, seq: int, digest: bytes, proof: tuple[bytes, ...]) -> None:
+        if self._transfer is not None and self._transfer.seq >= seq:
+            return
+        self._transfer = _Transfer(seq, digest, proof, next_try_ms=self._now)
+        self._try_transfer()
+
+    def _try_transfer(self) -> None:
+        t = self._transfer
+        if t is None or self._now < t.next_try_ms:
+            return
+        signers = []
+        for w in t.proof:
+            try:
+                signers.append(decode(w).signer)
+            except DecodeError:
+                pass
+        t.tries += 1
+        t.next_try_ms = self._now + max(self.config.request_timeout_ms // 2, 50)
+        self._send(FetchState(t.seq), self._next_peer(tuple(signers)))
+
+    def _on_fetch_state(self, msg: Message, sender: str) -> None:
+        p: FetchState = msg.payload  # type: ignore[assignment]
+        if self._stable.blob is not None and self._stable.seq >= p.seq:
+            self._send(StateReply(self._stable.seq, self._stable.blob, self._stable.proof), sender)
+
+    def _on_state(self, msg: Message, sender: str) -> None:
+        p: StateReply = msg.payload  # type: ignore[assignment]
+        if p.seq <= self._last_executed or p.seq <= self._stable.seq:
+            return
+        skipped_from = self._last_executed + 1
+        digest = checkpoint_proof_digest(self.keyring, self._cid, p.seq, p.checkpoint_proof)
+        if digest is None or snapshot_digest(p.snapshot) != digest:
+            self._count("invalid_state")
+            return
+        try:
+            app_snapshot, bookkeeping = self._parse_blob(p.snapshot)
+        except DecodeError:
+            self._count("invalid_state")
+            return
+        self._install_snapshot(p.seq, digest, p.checkpoint_proof, p.snapshot, app_snapshot, bookkeeping)
+        self._out.append(StateTransferred(p.seq, digest))
+        self._send(FetchBatches(p.seq + 1, p.seq + MAX_BATCHES_PER_REPLY), sender)
+        # We skipped executing (skipped_from..p.seq]: fetch their certified results so
+        # clients asking this node still get answers.
+        first = max(skipped_from, p.seq - MAX_BATCHES_PER_REPLY + 1)
+        self._send(FetchResults(first, p.seq), sender)
+        # That peer may not hold them certified (e.g. after a power cut the executors'
+        # votes never met): keep asking others, who answer with their votes at least.
+        for s in range(first, p.seq + 1):
+            if s not in self._results:
+                self._missing_results[s] = None
+        self._results_fetch_tries = 0
+        self._results_fetch_at = self._now + self._retry_delay()
+        self._execute_ready()
+
+    @staticmethod
+    def _parse_blob(blob: bytes) -> tuple[bytes, list[Any]]:
+        value = unpack_bounded(blob, max_size=MAX_MESSAGE_BYTES, field="snapshot")
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], bytes)):
+            raise DecodeError("snapshot", "expected [app_snapshot, bookkeeping]")
+        book = value[1]
+        if not (isinstance(book, list) and len(book) == 3 and all(isinstance(x, int) for x in book[:2])
+                and isinstance(book[2], list)):
+            raise DecodeError("snapshot.bookkeeping", "expected [seq, time, executed]")
+        for item in book[2]:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int)):
+                raise DecodeError("snapshot.bookkeeping.executed", "expected [request_id, seq] pairs")
+        return value[0], book
+
+    def _install_snapshot(self, seq: int, digest: bytes, proof: tuple[bytes, ...], blob: bytes,
+                          app_snapshot: bytes, book: list[Any]) -> None:
+        self.app.restore(app_snapshot)
+        self._last_executed = seq
+        self._last_time_ms = book[1]
+        self._executed = {rid: s for rid, s in book[2]}
+        self._last_progress_ms = self._now
+        for rid in [r for r in self._pending if r in self._executed]:
+            pending = self._pending.pop(rid)
+            if pending.local:
+                self._out.append(Persist(((f"pending/{rid}", None),)))
+        for rid in [r for r, s in self._in_flight.items() if s <= seq]:
+            del self._in_flight[rid]
+        self._queue_dirty = True
+        if self._transfer is not None and self._transfer.seq <= seq:
+            self._transfer = None
+        self._stabilize(seq, digest, proof, blob)
+
+    def _on_fetch_batches(self, msg: Message, sender: str) -> None:
+        p: FetchBatches = msg.payload  # type: ignore[assignment]
+        start = p.from_seq
+        out: list[CommittedBatch] = []
+        for seq in range(start, min(p.to_seq, start + MAX_BATCHES_PER_REPLY - 1) + 1):
+            slot = self._slots.get(seq)
+            cert = slot.commit_cert if slot is not None else self._retained.get(seq)
+            if cert is None:
+                break
+            out.append(cert)
+        if not out and start <= self._stable.seq and self._stable.blob is not None:
+            # We no longer hold those batches: hand over the checkpoint instead.
+            self._send(StateReply(self._stable.seq, self._stable.blob, self._stable.proof), sender)
+        if out:
+            self._send(BatchesReply(tuple(out)), sender)
+
+    def _on_batches(self, msg: Message, sender: str) -> None:
+        p: BatchesReply = msg.payload  # type: ignore[assignment]
+        for b in p.batches:
+            if b.seq != self._last_executed + 1 and (b.seq <= self._last_executed or not self._in_window(b.seq)):
+                continue
+            slot = self._slot(b.seq)
+            if slot.committed:
+                continue
+            if not verify_committed(self.keyring, self._cid, b):
+                self._count("invalid_commit_certificate")
+                return
+            digest = batch_digest(b.agreed_time_ms, b.requests)
+            if not slot.has_batch or slot.digest != digest:
+                slot.view, slot.digest, slot.agreed_time_ms, slot.requests = b.view, digest, b.agreed_time_ms, b.requests
+            self._mark_committed(slot, b)
+        self._execute_ready()
+
+    def _on_fetch_results(self, msg: Message, sender: str) -> None:
+        p: FetchResults = msg.payload  # type: ignore[assignment]
+        out: list[CertifiedResults] = []
+        for seq in range(p.from_seq, min(p.to_seq, p.from_seq + MAX_BATCHES_PER_REPLY - 1) + 1):
+            br = self._results.get(seq)
+            if br is None or br.final_count == 0:
+                # Not certified here: the asker may be missing our vote for it (it skipped
+                # the batch and collects votes to co-sign, see _on_foreign_vote).
+                if br is not None:
+                    self._answer_vote(br, sender)
+                else:
+                    fv = self._foreign.get(seq)
+                    if fv is not None and fv.mine:
+                        self._out.append(Send(fv.mine, sender))
+                continue
+            sigs = tuple((n, br.votes[n][1]) for n in self.keyring.node_ids if n in br.votes and br.votes[n][0] == br.root)
+            out.append(CertifiedResults(seq, br.view, tuple(zip(br.request_ids, br.request_digests, br.results)), sigs))
+        if out:
+            self._send(ResultsReply(tuple(out)), sender)
+
+    def _on_results(self, msg: Message, sender: str) -> None:
+        p: ResultsReply = msg.payload  # type: ignore[assignment]
+        for b in p.batches:
+            if b.seq in self._results or b.seq > self._last_executed or not b.entries:
+                continue
+            if any(self._executed.get(rid) != b.seq for rid, _, _ in b.entries):
+                self._count("invalid_results")
+                continue
+            leaves = [result_leaf(rid, res) for rid, _, res in b.entries]
+            root = merkle.root(leaves)
+            message = result_vote_bytes(self._cid, b.seq, root)
+            valid: dict[str, tuple[bytes, bytes, bytes]] = {}
+            for node, sig in b.signatures:
+                if node in self.keyring and node not in valid and self.keyring.verify(node, message, sig):
+                    valid[node] = (root, sig, b"")
+            if len(valid) < self.keyring.quorum:
+                self._count("invalid_results")
+                continue
+            br = BatchResult(b.seq, b.view, tuple(e[0] for e in b.entries), tuple(e[1] for e in b.entries),
+                             tuple(e[2] for e in b.entries), tuple(leaves), root, votes=valid)
+            br.certified_root = root
+            br.accused.update(self.keyring.node_ids)  # we hold no signed wires to accuse anyone with
+            fv = self._foreign.pop(b.seq, None)
+            if fv is not None and fv.mine and fv.votes[self.node_id][0] == root:
+                br.votes[self.node_id] = fv.votes[self.node_id]
+            self._results[b.seq] = br
+            self._check_final(br)
+
+    def _maybe_fetch(self, now: int) -> None:
+        delay = max(self.config.request_timeout_ms // 2, 50)
+        if self._transfer is not None:
+            self._try_transfer()
+            return
+        if self._ahead_seq <= self._last_executed:
+            # Idle cluster: nobody tells us we are behind (e.g. just restarted), so
+            # probe one peer now and then — after recovery quickly, later rarely.
+            probe_every = delay if self._probes_left > 0 else PROBE_INTERVAL_FACTOR * self.config.request_timeout_ms
+            if now - self._last_probe_ms >= probe_every:
+                self._last_probe_ms = now
+                self._probes_left = max(0, self._probes_left - 1)
+                peer = self._next_peer()
+                self._send(FetchBatches(self._last_executed + 1, self._last_executed + MAX_BATCHES_PER_REPLY), peer)
+                self._send(FetchView(self._view + 1), peer)
+            return
+        if now - self._last_progress_ms < delay or now < self._next_fetch_ms:
+            return
+        self._next_fetch_ms = now + delay
+        self._count("fetch_batches")
+        self._send(FetchBatches(self._last_executed + 1, self._last_executed + MAX_BATCHES_PER_REPLY), self._next_peer())
+        if self._ahead_seq > self._stable.seq + self.config.log_size:
+            # Someone is past our window: we may be a whole view behind as well.
+            self._maybe_fetch_view(now, force=True)
+
+    # ------------------------------------------------------------------ view change
+
+    def _note_higher_view(self, view: int, sender: str) -> None:
+        if view <= self._view or view > self._view + MAX_VIEW_LEAP or len(self._higher_view_seen) > 64:
+            return
+        seen = self._higher_view_seen.setdefault(view, set())
+        seen.add(sender)
+        if len(seen) >= self.keyring.f + 1:
+            self._maybe_fetch_view(self._now)
+
+    def _maybe_fetch_view(self, now: int, force: bool = False) -> None:
+        if now < self._next_fetch_view_ms:
+            return
+        self._next_fetch_view_ms = now + max(self.config.request_timeout_ms // 2, 50)
+        target = max(self._higher_view_seen, default=self._view + 1)
+        candidates = tuple(sorted(self._higher_view_seen.get(target, set()))) or self._peers()
+        self._send(FetchView(target), self._next_peer(candidates))
+
+    def _help_stale(self, view: int, sender: str) -> None:
+        """A peer still votes in an older view (e.g. it restarted): hand it the signed
+        new-view of ours, rate-limited per peer, so it can verify and catch up."""
+        if view >= self._view or self._new_view_wire is None or self._in_view_change:
+            return
+        last = self._helped.get(sender)
+        if last is not None and self._now - last < max(self.config.request_timeout_ms // 2, 50):
+            return
+        self._helped[sender] = self._now
+        self._out.append(Send(self._new_view_wire, sender))
+
+    def _on_fetch_view(self, msg: Message, sender: str) -> None:
+        p: FetchView = msg.payload  # type: ignore[assignment]
+        if self._new_view_wire is not None and self._view >= p.view and not self._in_view_change:
+            self._out.append(Send(self._new_view_wire, sender))
+
+    def _start_view_change(self, target: int) -> None:
+        if target <= self._view or (self._in_view_change and target <= self._vc_target):
+            return
+        self._in_view_change = True
+        self._vc_target = target
+        self._vc_attempts += 1
+        factor = min(2 ** (self._vc_attempts - 1), VIEW_CHANGE_BACKOFF_CAP)
+        self._vc_deadline = self._now + self.config.view_change_timeout_ms * factor
+        self._count("view_changes_started")
+        prepared = tuple(self._slots[s].prepared_cert for s in sorted(self._slots)
+                         if s > self._stable.seq and self._slots[s].prepared_cert is not None)
+        vc = ViewChange(target, self._stable.seq, self._stable.proof, prepared)  # type: ignore[arg-type]
+        wire = self._wire(vc)
+        self._out.append(Persist((("view", canonical_pack([self._view, target])),)))
+        self._out.append(Send(wire))
+        self._view_changes.setdefault(target, {})[self.node_id] = decode(wire)
+        self._try_new_view(target)
+
+    def _on_view_change(self, msg: Message, sender: str) -> None:
+        vc: ViewChange = msg.payload  # type: ignore[assignment]
+        if vc.new_view <= self._view or vc.new_view > self._view + MAX_VIEW_LEAP:
+            return
+        if sender in self._view_changes.get(vc.new_view, {}):
+            return
+        if not verify_view_change(self.keyring, self._cid, vc):
+            self._count("invalid_view_change")
+            return
+        self._view_changes.setdefault(vc.new_view, {})[sender] = msg
+        # Join rule: f+1 validators want a higher view, so at least one honest one does.
+        current = self._vc_target if self._in_view_change else self._view
+        wanting = sorted(v for v in self._view_changes if v > current)
+        voters: set[str] = set()
+        for v in wanting:
+            voters.update(self._view_changes[v])
+        if len(voters - {self.node_id}) >= self.keyring.f + 1 and wanting:
+            self._start_view_change(wanting[0])
+        self._try_new_view(vc.new_view)
+        # drop view-change sets for views we have left behind
+        for v in [v for v in self._view_changes if v <= self._view]:
+            del self._view_changes[v]
+
+    def _try_new_view(self, view: int) -> None:
+        if self._leader_of(view) != self.node_id or view in self._sent_new_view:
+            return
+        if not (self._in_view_change and self._vc_target == view):
+            return
+        vcs = self._view_changes.get(view, {})
+        if len(vcs) < self.keyring.quorum:
+            return
+        chosen = [vcs[n].raw for n in self.keyring.node_ids if n in vcs][: self.keyring.quorum]
+        if self.node_id in vcs and vcs[self.node_id].raw not in chosen:
+            chosen[-1] = vcs[self.node_id].raw
+        self._sent_new_view.add(view)
+        wire = self._wire(NewView(view, tuple(chosen)))
+        self._out.append(Persist((("newview", wire),)))
+        self._out.append(Send(wire))
+        self._install_view(view, [decode(w).payload for w in chosen], wire)  # type: ignore[misc]
+
+    def _on_new_view(self, msg: Message, sender: str) -> None:
+        nv: NewView = msg.payload  # type: ignore[assignment]
+        # Only forward: once we asked for view t we never go back to a lower one (our
+        # view-change promised not to take part in earlier views).
+        floor = self._vc_target if self._in_view_change else self._view + 1
+        if nv.view < floor:
+            return
+        if msg.signer != self._leader_of(nv.view):
+            self._count("not_leader")
+            return
+        vcs: list[ViewChange] = []
+        signers: set[str] = set()
+        for w in nv.view_changes:
+            m = decode_verified(w, self.keyring, self._cid, VIEW_CHANGE)
+            if m is None or m.payload.new_view != nv.view or m.signer in signers:  # type: ignore[union-attr]
+                self._count("invalid_new_view")
+                return
+            if not verify_view_change(self.keyring, self._cid, m.payload):  # type: ignore[arg-type]
+                self._count("invalid_new_view")
+                return
+            signers.add(m.signer)
+            vcs.append(m.payload)  # type: ignore[arg-type]
+        if len(signers) < self.keyring.quorum:
+            self._count("invalid_new_view")
+            return
+        self._out.append(Persist((("newview", msg.raw),)))
+        self._install_view(nv.view, vcs, msg.raw)
+
+    def _install_view(self, view: int, vcs: list[ViewChange], wire: bytes) -> None:
+        plan = plan_new_view(self.keyring, self._cid, vcs)
+        self._view = view
+        self._in_view_change = False
+        self._vc_target = view
+        self._vc_attempts = 0
+        self._new_view_wire = wire
+        for v in [v for v in self._view_changes if v <= view]:
+            del self._view_changes[v]
+        for v in [v for v in self._higher_view_seen if v <= view]:
+            del self._higher_view_seen[v]
+        self._out.append(Persist((("view", canonical_pack([view, view])),)))
+        self._out.append(ViewChanged(view, self.leader))
+        if plan.stable_seq > self._stable.seq and plan.stable_digest is not None:
+            own = self._own_checkpoints.get(plan.stable_seq)
+            if own is not None and own[0] == plan.stable_digest:
+                self._stabilize(plan.stable_seq, plan.stable_digest, plan.checkpoint_proof, own[1])
+            elif self._last_executed < plan.stable_seq or own is not None:
+                self._begin_transfer(plan.stable_seq, plan.stable_digest, plan.checkpoint_proof)
+        top = max([s for s, _, _ in plan.batches], default=plan.stable_seq)
+        # Unprepared proposals of older views above the re-proposed range are void.
+        for s, slot in sorted(self._slots.items()):
+            if s > top and not slot.committed and slot.has_batch and slot.view < view:
+                for rid, _ in slot.requests:
+                    self._release_in_flight(rid, s)
+                slot.reset_batch()
+        for seq, agreed, requests in plan.batches:
+            if seq <= self._stable.seq:
+                continue
+            slot = self._slot(seq)
+            if slot.committed and seq <= self._last_executed:
+                # Help the others re-commit what we already executed.
+                self._accept_reproposed(slot, view, agreed, requests)
+                continue
+            self._accept_reproposed(slot, view, agreed, requests)
+        self._next_seq = max(top, self._stable.seq, self._last_executed) + 1
+        # Pending requests: start their timers afresh and hand them to the new leader.
+        for rid, p in self._pending.items():
+            p.stage = 1
+            p.deadline_ms = self._now + self.config.request_timeout_ms
+            if not self.is_leader and rid not in self._in_flight:
+                self._send(RequestMsg(rid, p.request), self.leader)
+        if self.is_leader:
+            self._propose(self._now)
+
+    def _accept_reproposed(self, slot: Slot, view: int, agreed: int, requests: Batch) -> None:
+        digest = batch_digest(agreed, requests)
+        if slot.has_batch and slot.view != view:
+            for rid, _ in slot.requests:
+                self._release_in_flight(rid, slot.seq)
+        slot.view, slot.digest, slot.agreed_time_ms, slot.requests = view, digest, agreed, requests
+        slot.leader_signature = b""  # proposed by the new-view, not by a signed header
+        if slot.seq > self._last_executed:
+            for rid, _ in requests:
+                self._in_flight[rid] = slot.seq
+                self._dequeue(rid)
+        if slot.sent_prepare < view and self._vote(PREPARE, slot.seq, view, digest):
+            slot.sent_prepare = view
+        self._check_prepared(slot)
+
+    # ------------------------------------------------------------------ crash recovery
+
+    def _recover_result(self, seq: int, value: bytes) -> None:
+        """A batch result that was not final when its checkpoint became stable (see
+        ``_stabilize``): reload it with our own vote and broadcast that vote again."""
+        if seq <= self._results_floor() or seq > self._stable.seq or seq in self._results:
+            self._out.append(Persist(((_key("result", seq), None),)))
+            return
+        view, entries, wire = unpack_bounded(value, max_size=MAX_MESSAGE_BYTES, field="durable.result")
+        leaves = tuple(result_leaf(rid, res) for rid, _, res in entries)
+        root = merkle.root(list(leaves))
+        mine = decode(wire)
+        if not isinstance(mine.payload, ResultVote) or mine.payload.root != root or mine.payload.seq != seq:
+            raise DecodeError("durable.result", "own vote does not match the stored results")
+        br = BatchResult(seq, view, tuple(e[0] for e in entries), tuple(e[1] for e in entries),
+                         tuple(e[2] for e in entries), leaves, root)
+        br.votes[self.node_id] = (root, mine.signature, wire)
+        br.retry_at_ms = self._now + self._retry_delay()
+        self._results[seq] = br
+        self._persisted_results.add(seq)
+        self._out.append(Send(wire))
+
+    def _recover(self, durable: Mapping[str, bytes]) -> None:
+        """Rebuild from Persist records: stable checkpoint, committed batches above it
+        (re-executed), own votes (never contradicted), prepared certificates, the view."""
+        view_rec = durable.get("view")
+        vc_target = 0
+        if view_rec is not None:
+            value = unpack_bounded(view_rec, max_size=1024, field="durable.view")
+            self._view, vc_target = int(value[0]), int(value[1])
+        nv = durable.get("newview")
+        if nv is not None:
+            try:
+                m = decode(nv)
+                if m.payload.view == self._view:  # type: ignore[union-attr]
+                    self._new_view_wire = nv
+            except DecodeError:
+                pass
+        cp = durable.get("checkpoint")
+        if cp is not None:
+            seq, digest, blob, proof = unpack_bounded(cp, max_size=MAX_MESSAGE_BYTES, field="durable.checkpoint")
+            app_snapshot, book = self._parse_blob(blob)
+            self._install_snapshot(seq, digest, tuple(proof), blob, app_snapshot, book)
+            self._out.clear()  # nothing new to persist: it came from disk
+        for k in sorted(durable):
+            value = durable[k]
+            if value is None:
+                continue
+            if k.startswith("vote/"):
+                _, kind, s = k.split("/")
+                seq = int(s)
+                if seq <= self._stable.seq:
+                    continue
+                m = decode(value)
+                p = m.payload
+                self._own_votes[(kind, seq)] = (p.view, p.digest, value)  # type: ignore[union-attr]
+                self._persisted["vote"].add(seq)
+                slot = self._slot(seq)
+                if kind == PREPARE:
+                    slot.votes(slot.prepares, p.view).add(self.node_id, p.digest, value)  # type: ignore[union-attr]
+                elif kind == COMMIT:
+                    slot.votes(slot.commits, p.view).add(self.node_id, p.digest, value)  # type: ignore[union-attr]
+                elif kind == PRE_PREPARE and p.view == self._view:  # type: ignore[union-attr]
+                    self._next_seq = max(self._next_seq, seq + 1)
+            elif k.startswith("prepared/"):
+                seq = int(k.split("/")[1])
+                if seq <= self._stable.seq:
+                    continue
+                body = unpack_bounded(value, max_size=MAX_MESSAGE_BYTES, field="durable.prepared")
+                cert = PreparedCert(body[0], body[1], body[2], tuple((r, q) for r, q in body[3]), tuple(body[4]))
+                self._slot(seq).prepared_cert = cert
+                self._persisted["prepared"].add(seq)
+            elif k.startswith("committed/"):
+                seq = int(k.split("/")[1])
+                if seq <= self._stable.seq:
+                    continue
+                body = unpack_bounded(value, max_size=MAX_MESSAGE_BYTES, field="durable.committed")
+                cert = CommittedBatch(body[0], body[1], body[2], tuple((r, q) for r, q in body[3]), tuple(body[4]))
+                slot = self._slot(seq)
+                slot.view, slot.digest = cert.view, batch_digest(cert.agreed_time_ms, cert.requests)
+                slot.agreed_time_ms, slot.requests, slot.commit_cert = cert.agreed_time_ms, cert.requests, cert
+                self._persisted["committed"].add(seq)
+            elif k.startswith("result/"):
+                self._recover_result(int(k.split("/")[1]), value)
+            elif k.startswith("pending/"):
+                rid = k[len("pending/"):]
+                if rid in self._executed:
+                    self._out.append(Persist(((k, None),)))
+                    continue
+                self._pending[rid] = _Pending(value, self._now, self._now + self.config.request_timeout_ms, 0, True)
+                self._queue_dirty = True  # in-flight ids are only known after recovery
+        for (kind, seq), (view, _, _) in self._own_votes.items():
+            slot = self._slot(seq)
+            if kind == PREPARE:
+                slot.sent_prepare = max(slot.sent_prepare, view)
+            elif kind == COMMIT:
+                slot.sent_commit = max(slot.sent_commit, view)
+        self._next_seq = max(self._next_seq, self._stable.seq + 1)
+        self._execute_ready()
+        # A leader that crashed mid-proposal re-sends the very same pre-prepares.
+        for (kind, seq), (view, digest, wire) in sorted(self._own_votes.items(), key=lambda kv: kv[0][1]):
+            if kind == PRE_PREPARE and view == self._view and seq > self._last_executed:
+                pp = decode(wire).payload
+                self._out.append(Send(wire))
+                self._accept_batch(seq, view, pp.agreed_time_ms, pp.requests, digest, decode(wire).signature)  # type: ignore[union-attr]
+            elif kind in (PREPARE, COMMIT) and view == self._view and seq > self._last_executed:
+                self._out.append(Send(wire))  # identical bytes: peers that missed them can count them
+        self._next_seq = max(self._next_seq, self._last_executed + 1)
+        if vc_target > self._view:
+            # We had asked to leave this view before the crash: keep that promise.
+            self._start_view_change(vc_target)
+            return
+        # Forward surviving pending requests once we know who leads.
+        for rid, p in self._pending.items():
+            if rid not in self._executed and self.leader != self.node_id:
+                self._send(RequestMsg(rid, p.request), self.leader)

@@ -1,0 +1,275 @@
+"""Validation as a deterministic function of (request, replicated state, agreed time).
+
+Two phases, so the node can use its cores:
+
+* **precheck** — stateless and pure (work, stake signature, space, CSR/policy). Exposed
+  as independent callables (``precheck_parts``) the node may run on a thread pool; the
+  crypto libraries release the GIL while verifying.
+* **execute** — in consensus order, single-threaded: the stateful time check, then the
+  verdict, and (only for a Valid request) advancing the holder's time head.
+
+``ValidationApp`` plugs both into the replica's ``Application`` protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from consensus.codec import DecodeError, canonical_pack, unpack_bounded
+from consensus.csr import check_csr, check_policy
+from consensus.proofs.binding import request_binding
+from consensus.proofs.params import ValidationParams
+from consensus.proofs.reasons import CODES, Reason, ordered, reason
+from consensus.proofs.space import check_space
+from consensus.proofs.stake import check_stake
+from consensus.proofs.timeproof import check_time
+from consensus.proofs.work import check_work
+from consensus.requests import (
+    CertificateValidationRequest,
+    FourProofValidationRequest,
+    ValidationRequest,
+    decode_request,
+    parse_request,
+)
+
+__all__ = [
+    "CertificateValidationRequest", "FourProofValidationRequest", "Outcome", "Precheck", "Reason",
+    "ValidationApp", "ValidationParams", "ValidationRequest", "ValidationState", "combine_precheck",
+    "decode_outcome", "decode_request", "execute", "parse_request", "precheck", "precheck_parts",
+]
+
+VALID = "Valid"
+INVALID = "Invalid"
+MAX_OUTCOME_BYTES = 64 * 1024
+MAX_STATE_BYTES = 256 * 1024 * 1024
+PrecheckPart = Callable[[], list[Reason]]
+PrecheckRunner = Callable[[list[PrecheckPart]], list[list[Reason]]]
+
+
+# ---------------------------------------------------------------------------
+# precheck (stateless, parallelizable)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Precheck:
+    request_digest: bytes
+    holder: bytes  # holder id (the time chain key)
+    reasons: tuple[Reason, ...]
+
+
+def precheck_parts(request: ValidationRequest, params: ValidationParams, kem_private_key: bytes) -> list[PrecheckPart]:
+    """Independent pure callables: work, stake, space, and for certificates policy+CSR.
+    Order is fixed; combine their results with ``combine_precheck``."""
+    binding = request_binding(request)
+    proofs = request.proofs
+    parts: list[PrecheckPart] = [
+        lambda: check_work(proofs.work, binding, params),
+        lambda: check_stake(proofs, binding, params),
+        lambda: check_space(proofs.space, binding, params, kem_private_key),
+    ]
+    if isinstance(request, CertificateValidationRequest):
+        parts.append(lambda: check_policy(request, params) + check_csr(request, params))
+    return parts
+
+
+def combine_precheck(request: ValidationRequest, results: Sequence[list[Reason]]) -> Precheck:
+    return Precheck(
+        request_digest=request.digest,
+        holder=request_binding(request)[3],
+        reasons=ordered([r for part in results for r in part]),
+    )
+
+
+def precheck(request: ValidationRequest, params: ValidationParams, kem_private_key: bytes) -> Precheck:
+    return combine_precheck(request, [part() for part in precheck_parts(request, params, kem_private_key)])
+
+
+# ---------------------------------------------------------------------------
+# replicated state
+# ---------------------------------------------------------------------------
+
+
+class ValidationState:
+    """Per-holder time head: the timestamp of the holder's last *accepted* time proof.
+    Grows by one entry per distinct holder (32-byte id + integer)."""
+
+    __slots__ = ("_heads",)
+
+    def __init__(self, heads: dict[bytes, int] | None = None) -> None:
+        self._heads: dict[bytes, int] = dict(heads or {})
+
+    def last_time(self, holder: bytes) -> int | None:
+        return self._heads.get(holder)
+
+    def advance(self, holder: bytes, timestamp_ms: int) -> None:
+        previous = self._heads.get(holder)
+        if previous is not None and timestamp_ms <= previous:
+            raise ValueError("time heads only move forward")  # execute() checks this first
+        self._heads[holder] = timestamp_ms
+
+    def __len__(self) -> int:
+        return len(self._heads)
+
+    def snapshot(self) -> bytes:
+        """canonical_pack([1, [[holder, ms], ...]]) sorted by holder id."""
+        return canonical_pack([1, [[h, self._heads[h]] for h in sorted(self._heads)]])
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.snapshot()).digest()
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> ValidationState:
+        raw = unpack_bounded(data, max_size=MAX_STATE_BYTES, field="state", max_depth=3)
+        if not (isinstance(raw, list) and len(raw) == 2 and raw[0] == 1 and isinstance(raw[1], list)):
+            raise DecodeError("state", "expected [1, [[holder, ms], ...]]")
+        heads: dict[bytes, int] = {}
+        previous = b""
+        for i, entry in enumerate(raw[1]):
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], bytes) and len(entry[0]) == 32
+                    and isinstance(entry[1], int) and not isinstance(entry[1], bool) and 0 <= entry[1] < 1 << 63):
+                raise DecodeError(f"state.{i}", "expected [32-byte holder, ms]")
+            if entry[0] <= previous:
+                raise DecodeError(f"state.{i}", "holders not strictly sorted")
+            previous = entry[0]
+            heads[entry[0]] = entry[1]
+        return cls(heads)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the contents in place (validated first, so a bad snapshot changes nothing)."""
+        self._heads = ValidationState.from_snapshot(data)._heads
+
+
+# ---------------------------------------------------------------------------
+# outcome
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    request_id: str  # "" when the request bytes were undecodable
+    kind: str  # "proofs" | "certificate" | "unknown"
+    status: str  # "Valid" | "Invalid"
+    reasons: tuple[Reason, ...]
+    agreed_time_ms: int
+    request_digest: bytes  # sha256 of the request encoding (of the raw bytes if undecodable)
+
+    def encode(self) -> bytes:
+        """canonical_pack([1, request_id, kind, status, [[proof, code, message]...], agreed_time_ms, request_digest])"""
+        return canonical_pack([
+            1, self.request_id, self.kind, self.status,
+            [[r.proof, r.code, r.message] for r in self.reasons], self.agreed_time_ms, self.request_digest,
+        ])
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "kind": self.kind,
+            "status": self.status,
+            "reasons": [r.to_wire() for r in self.reasons],
+            "agreed_time_ms": self.agreed_time_ms,
+            "request_digest": self.request_digest,
+        }
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    raw = unpack_bounded(data, max_size=MAX_OUTCOME_BYTES, field="outcome", max_depth=3)
+    if not (isinstance(raw, list) and len(raw) == 7 and raw[0] == 1):
+        raise DecodeError("outcome", "expected [1, request_id, kind, status, reasons, agreed_time_ms, request_digest]")
+    _, request_id, kind, status, reasons, agreed, rdigest = raw
+    if not isinstance(request_id, str) or len(request_id) > 128:
+        raise DecodeError("outcome.request_id", "expected a string of at most 128 characters")
+    if kind not in ("proofs", "certificate", "unknown"):
+        raise DecodeError("outcome.kind", "unknown kind")
+    if status not in (VALID, INVALID):
+        raise DecodeError("outcome.status", "expected Valid or Invalid")
+    if not isinstance(agreed, int) or isinstance(agreed, bool):
+        raise DecodeError("outcome.agreed_time_ms", "expected an integer")
+    if not isinstance(rdigest, bytes) or len(rdigest) != 32:
+        raise DecodeError("outcome.request_digest", "expected 32 bytes")
+    if not isinstance(reasons, list):
+        raise DecodeError("outcome.reasons", "expected a list")
+    parsed: list[Reason] = []
+    for i, r in enumerate(reasons):
+        if not (isinstance(r, list) and len(r) == 3 and all(isinstance(x, str) for x in r) and r[1] in CODES
+                and r[0] == r[1].split(".", 1)[0]):
+            raise DecodeError(f"outcome.reasons.{i}", "expected [proof, known code, message]")
+        parsed.append(Reason(r[0], r[1], r[2]))
+    if (status == VALID) == bool(parsed):
+        raise DecodeError("outcome.status", "Valid exactly when there are no reasons")
+    return Outcome(request_id, kind, status, tuple(parsed), agreed, rdigest)
+
+
+# ---------------------------------------------------------------------------
+# execute (stateful, in consensus order)
+# ---------------------------------------------------------------------------
+
+
+def execute(
+    request: ValidationRequest, pre: Precheck, state: ValidationState, agreed_time_ms: int, params: ValidationParams
+) -> Outcome:
+    if pre.request_digest != request.digest:
+        raise ValueError("precheck belongs to another request")
+    timestamp = request.proofs.time.timestamp_ms
+    time_reasons = check_time(timestamp, state.last_time(pre.holder), agreed_time_ms, params)
+    reasons = ordered(list(pre.reasons) + time_reasons)
+    if not reasons:
+        state.advance(pre.holder, timestamp)
+    return Outcome(request.request_id, request.kind, INVALID if reasons else VALID, reasons, agreed_time_ms, request.digest)
+
+
+def malformed_outcome(data: bytes, error: DecodeError, agreed_time_ms: int) -> Outcome:
+    """What every replica answers for request bytes that do not decode (a faulty leader).
+    The message must not depend on library versions, so msgpack's own text is dropped."""
+    message = "not a valid bounded msgpack request" if error.field == "request" else f"{error.field}: {error.message}"
+    return Outcome("", "unknown", INVALID, (reason("request.malformed", message),), agreed_time_ms, hashlib.sha256(data).digest())
+
+
+def _sequential(parts: list[PrecheckPart]) -> list[list[Reason]]:
+    return [part() for part in parts]
+
+
+class ValidationApp:
+    """The replicated application: ``execute_batch`` / ``snapshot`` / ``restore``."""
+
+    def __init__(self, params: ValidationParams, kem_private_key: bytes, precheck_runner: PrecheckRunner | None = None) -> None:
+        self.params = params
+        self.state = ValidationState()
+        self._kem_private_key = kem_private_key
+        self._run = precheck_runner or _sequential
+
+    def execute_batch(self, seq: int, requests: list[bytes], agreed_time_ms: int) -> list[bytes]:
+        decoded: list[ValidationRequest | DecodeError] = []
+        for data in requests:
+            try:
+                decoded.append(decode_request(data))
+            except DecodeError as exc:
+                decoded.append(exc)
+        # One flat list of parts for the whole batch: the runner can keep every core busy.
+        parts: list[PrecheckPart] = []
+        spans: list[tuple[int, int]] = []
+        for item in decoded:
+            start = len(parts)
+            if not isinstance(item, DecodeError):
+                parts += precheck_parts(item, self.params, self._kem_private_key)
+            spans.append((start, len(parts)))
+        results = self._run(parts)
+        if len(results) != len(parts):
+            raise RuntimeError("precheck runner returned a different number of results")
+        out: list[bytes] = []
+        for data, item, (start, end) in zip(requests, decoded, spans):
+            if isinstance(item, DecodeError):
+                out.append(malformed_outcome(data, item, agreed_time_ms).encode())
+            else:
+                pre = combine_precheck(item, results[start:end])
+                out.append(execute(item, pre, self.state, agreed_time_ms, self.params).encode())
+        return out
+
+    def snapshot(self) -> bytes:
+        return self.state.snapshot()
+
+    def restore(self, snapshot: bytes) -> None:
+        self.state.restore(snapshot)

@@ -1,0 +1,243 @@
+"""``consensus-server``: one HyperMesh validator process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from consensus.byzantine import BYZANTINE_MODES
+
+VERSION = "0.1.0"
+DEFAULT_NODE_ID = "hypermesh-consensus-1"
+LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+              "warning": logging.WARNING, "error": logging.ERROR}
+
+log = logging.getLogger("hypermesh")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="consensus-server",
+        description="HyperMesh Consensus validator: serves the STOQ API (QUIC over IPv6, TLS 1.3) and takes part "
+        "in PBFT consensus with the other validators of its cluster.",
+        epilog="Examples:\n"
+        "  consensus-server                                   # single node on [::]:9292, keys in ./data\n"
+        "  consensus-server --port 9292 --cache               # with the result cache\n"
+        "  consensus-server --cluster .cluster --node-id node-1 --data-dir data/node-1\n"
+        "\n"
+        "Without --cluster the server creates (once) a one-validator cluster in DATA_DIR/cluster; clients use\n"
+        "DATA_DIR/cluster/ca.pem to trust it. A multi-node cluster is created with 'hypermesh cluster init'.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-b", "--bind", default="::", metavar="ADDRESS", help="IPv6 bind address (default ::)")
+    parser.add_argument("-p", "--port", type=int, default=9292, help="STOQ listen port, UDP (default 9292)")
+    parser.add_argument("-n", "--node-id", default=None, metavar="ID",
+                        help=f"node identifier; must be in the manifest with --cluster (default {DEFAULT_NODE_ID})")
+    parser.add_argument("-l", "--log-level", default="info", choices=("trace", "debug", "info", "warn", "error"),
+                        help="log level (default info)")
+    parser.add_argument("--max-validations", type=int, default=100, metavar="NUM",
+                        help="maximum concurrent validations; more are refused with Overloaded (default 100)")
+    parser.add_argument("--cache", action="store_true", help="enable validation result caching")
+    parser.add_argument("--cache-ttl", type=float, default=600.0, metavar="SECONDS", help="result cache TTL (default 600)")
+    parser.add_argument("--cache-size", type=int, default=100_000, metavar="ENTRIES", help="result cache size (default 100000)")
+    parser.add_argument("--cluster", metavar="DIR", help="cluster directory from 'hypermesh cluster init'")
+    parser.add_argument("--data-dir", metavar="DIR", help="where the node keeps its database (default ./data/<node-id>)")
+    parser.add_argument("--metrics-bind", default=None, metavar="ADDRESS", help="Prometheus bind address (default: --bind)")
+    parser.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port, TCP; 0 disables (default 9464)")
+    parser.add_argument("--client-auth", default="none", choices=("none", "optional", "required"),
+                        help="mutual TLS for clients: require a certificate from the cluster CA (default none)")
+    parser.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="answer Pending after this long; the client polls validation_status (default 30)")
+    parser.add_argument("--vote-grace-ms", type=float, default=50.0, metavar="MS",
+                        help="after 2f+1 votes, wait up to this long for the other validators' votes so "
+                        "confidence_level counts them; skipped while a validator keeps missing it (default 50)")
+    parser.add_argument("--sync-commits", action="store_true",
+                        help="fsync every database commit (survives power loss, ~0.3 ms per batch)")
+    parser.add_argument("--batch-size", type=int, default=64, help="maximum requests per consensus batch (default 64)")
+    parser.add_argument("--batch-delay-ms", type=int, default=5, help="close a partial batch after this long (default 5)")
+    parser.add_argument("--checkpoint-interval", type=int, default=16, help="batches between checkpoints (default 16)")
+    parser.add_argument("--view-change-timeout-ms", type=int, default=2000, help="first view-change timeout (default 2000)")
+    parser.add_argument("--max-datagram-size", type=int, default=1200, metavar="BYTES",
+                        help="largest QUIC datagram sent; 1200 is safe anywhere, 9000 is much faster on loopback (default 1200)")
+    parser.add_argument("--trace", default="off", metavar="off|stderr|FILE",
+                        help="OpenTelemetry spans of every validation: off, stderr, or a file of JSON lines (default off)")
+    parser.add_argument("--peer-delay-ms", type=float, default=0.0, help="chaos testing: delay every outgoing peer frame")
+    parser.add_argument("--byzantine", default=None, metavar="MODE", choices=BYZANTINE_MODES,
+                        help=f"TEST ONLY: make this node misbehave on purpose ({', '.join(BYZANTINE_MODES)})")
+    parser.add_argument("-V", "--version", action="version", version=f"consensus-server {VERSION}")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=LOG_LEVELS[level],
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("quic").setLevel(logging.WARNING)
+
+
+def _single_node_cluster(data_dir: Path, node_id: str, port: int) -> Path:
+    """Create (once) a one-validator cluster so a lone node runs the same code path."""
+    from cluster.bootstrap import InitOptions, init_cluster
+
+    directory = data_dir / "cluster"
+    if not (directory / "manifest.json").exists():
+        log.info("No --cluster given: creating a single-node cluster in %s", directory)
+        init_cluster(directory, InitOptions(nodes=1, base_port=port, names=(node_id,), address_template="[::1]:{port}"), lambda m: log.info("  %s", m))
+    return directory
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from cluster.manifest import load_kem_private_key, load_manifest, load_node_key
+    from consensus.replica import ReplicaConfig
+    from transport.peers import PeerAddress, PeerMesh
+    from transport.server import HandlerRegistry, Limits, StoqServer
+    from transport.tls import TlsConfig
+
+    from .cache import ResultCache
+    from .metrics import NodeMetrics, start_metrics_server
+    from .repair import ResultRepair
+    from .runtime import ReplicaDriver
+    from .service import ServiceLimits, ValidationService, wrap_handler
+    from .store import Store
+    from .tracing import make_tracer
+
+    node_id = args.node_id or (DEFAULT_NODE_ID if not args.cluster else None)
+    if node_id is None:
+        raise SystemExit("consensus-server: --node-id is required with --cluster (one of the manifest's node ids)")
+    data_dir = Path(args.data_dir or Path("data") / node_id)
+    cluster_dir = Path(args.cluster) if args.cluster else _single_node_cluster(data_dir, node_id, args.port)
+    manifest = load_manifest(cluster_dir)
+    entry = manifest.node(node_id)
+
+    log.info("Starting HyperMesh Consensus Server v%s", VERSION)
+    log.info("Configuration:")
+    log.info("  Node ID: %s", node_id)
+    log.info("  Cluster: %s (n=%d, f=%d) from %s", manifest.cluster_id, manifest.n, manifest.f, cluster_dir)
+    log.info("  Bind address: [%s]:%d", args.bind, args.port)
+    log.info("  Max concurrent validations: %d", args.max_validations)
+    log.info("  Cache enabled: %s", "true" if args.cache else "false")
+    log.info("  Data directory: %s", data_dir)
+    if args.byzantine:
+        for _ in range(3):
+            log.warning("!!! BYZANTINE MODE %r: this node WILL MISBEHAVE on purpose (test only) !!!", args.byzantine)
+
+    log.info("Initializing consensus engine...")
+    store = Store(data_dir / "node.db", sync_commits=args.sync_commits)
+    metrics = NodeMetrics()
+    node_dir = manifest.node_dir(node_id)
+    tls = TlsConfig(node_dir / "tls.pem", node_dir / "tls.key", ca_pem=manifest.ca_pem, client_auth=args.client_auth)
+    peers = {
+        e.node_id: PeerAddress(e.host, e.port, e.server_name) for e in manifest.nodes if e.node_id != node_id
+    }
+    mesh_holder: dict[str, Any] = {}
+
+    def send(to: str | None, payload: bytes) -> None:
+        mesh = mesh_holder.get("mesh")
+        if mesh is None:
+            return
+        if to is None:
+            mesh.broadcast(payload)
+        else:
+            mesh.send(to, payload)
+
+    replica_config = ReplicaConfig(
+        cluster_id=manifest.cluster_id,
+        batch_max_requests=args.batch_size,
+        batch_max_delay_ms=args.batch_delay_ms,
+        checkpoint_interval=args.checkpoint_interval,
+        view_change_timeout_ms=args.view_change_timeout_ms,
+    )
+    driver = ReplicaDriver(
+        replica_config=replica_config,
+        key=load_node_key(manifest, node_id),
+        keyring=manifest.keyring(),
+        params=manifest.validation_params(),
+        kem_private_key=load_kem_private_key(manifest, node_id),
+        store=store,
+        metrics=metrics,
+        send=send,
+        byzantine=args.byzantine,
+    )
+
+    log.info("Creating validation service...")
+    tracer, tracer_provider = make_tracer(node_id, manifest.cluster_id, args.trace, VERSION)
+    cache = ResultCache(args.cache_ttl, args.cache_size, time.monotonic) if args.cache else None
+    mesh = PeerMesh(
+        node_id, peers, tls, driver.on_peer_message, delay_ms=args.peer_delay_ms, max_datagram_size=args.max_datagram_size
+    )
+    service = ValidationService(
+        node_id=node_id, cluster_id=manifest.cluster_id, driver=driver, metrics=metrics,
+        limits=ServiceLimits(args.max_validations, args.request_timeout, args.vote_grace_ms / 1000), cache=cache, peer_stats=mesh.stats,
+        tracer=tracer,
+    )
+    registry = HandlerRegistry()
+    for path, handler in service.handlers().items():
+        registry.register(path, wrap_handler(service, path, handler))
+
+    log.info("Starting STOQ API server...")
+    server = StoqServer(
+        args.bind, args.port, registry, tls,
+        Limits(request_timeout_s=args.request_timeout + 5, max_datagram_size=args.max_datagram_size),
+        peer_frame_handler=mesh.deliver,
+    )
+    await server.start()
+    mesh_holder["mesh"] = mesh
+    await mesh.start()
+    await driver.start()
+    repair = ResultRepair(node_id=node_id, manifest=manifest, store=store, adopt=driver.adopt_result)
+    repair.start()
+    if args.metrics_port:
+        start_metrics_server(metrics, args.metrics_bind or args.bind, args.metrics_port)
+        log.info("Prometheus metrics on [%s]:%d/metrics", args.metrics_bind or args.bind, args.metrics_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("HyperMesh Consensus Server is ready")
+    log.info("Accepting validation requests on port %d", server.port)
+    log.info("Press Ctrl-C to stop")
+    await stop.wait()
+
+    log.info("Shutting down: no new requests, finishing those in flight ...")
+    await server.stop(grace_s=5.0)
+    await repair.stop()
+    await mesh.stop()
+    await driver.stop()
+    store.close()
+    if tracer_provider is not None:
+        tracer_provider.shutdown()
+    log.info("Stopped cleanly")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_validations < 1:
+        raise SystemExit("consensus-server: --max-validations must be at least 1")
+    if not 0 <= args.port < 65536:
+        raise SystemExit("consensus-server: --port must be 0..65535")
+    configure_logging(args.log_level)
+    from cluster.manifest import ManifestError
+
+    try:
+        return asyncio.run(serve(args))
+    except ManifestError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

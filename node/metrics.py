@@ -1,0 +1,35 @@
+"""Prometheus metrics of one validator, on their own registry (so tests can run several
+nodes in one process) and served over HTTP by ``start_metrics_server``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class NodeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.validations = Counter("hypermesh_validations", "Client validations answered, by final status", ["kind", "status"], registry=r)
+        self.latency = Histogram("hypermesh_validation_latency_seconds", "Time from client request to final result", ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("hypermesh_validations_in_flight", "Client validations waiting for a final result", registry=r)
+        self.cache_hits = Counter("hypermesh_cache_hits", "Result cache hits", registry=r)
+        self.cache_misses = Counter("hypermesh_cache_misses", "Result cache misses", registry=r)
+        self.errors = Counter("hypermesh_errors", "Error responses, by error code", ["code"], registry=r)
+        self.view = Gauge("hypermesh_consensus_view", "Current consensus view", registry=r)
+        self.is_leader = Gauge("hypermesh_consensus_is_leader", "1 when this node leads the current view", registry=r)
+        self.last_executed = Gauge("hypermesh_consensus_last_executed_seq", "Last executed batch sequence number", registry=r)
+        self.stable_checkpoint = Gauge("hypermesh_consensus_stable_checkpoint_seq", "Last stable checkpoint", registry=r)
+        self.batches = Counter("hypermesh_consensus_batches", "Batches committed and executed", registry=r)
+        self.batch_size = Histogram("hypermesh_consensus_batch_size", "Requests per committed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.view_changes = Counter("hypermesh_consensus_view_changes", "View changes installed", registry=r)
+        self.state_transfers = Counter("hypermesh_consensus_state_transfers", "Checkpoints installed by state transfer", registry=r)
+        self.evidence = Counter("hypermesh_byzantine_evidence", "Byzantine evidence recorded, by accused node and kind", ["accused", "kind"], registry=r)
+        self.confidence = Histogram("hypermesh_result_confidence", "confidence_level of final results", buckets=(0.25, 0.5, 0.67, 0.75, 0.8, 0.9, 1.0), registry=r)
+        self.peer_frames_in = Counter("hypermesh_peer_frames_received", "Consensus frames received from peers", registry=r)
+
+
+def start_metrics_server(metrics: NodeMetrics, bind: str, port: int) -> None:
+    """Serve ``/metrics`` over HTTP (prometheus-client's threaded server)."""
+    start_http_server(port, addr=bind, registry=metrics.registry)

@@ -1,0 +1,112 @@
+"""Fetch certified results this node missed from its peers.
+
+A node that was down, paused or cut off while its accepted requests became final
+elsewhere may never see their ``Final`` (it catches up by checkpoint, and the votes
+were exchanged while it was away). Its ``pending`` rows would then say Pending
+forever. Every few seconds this looks at pending rows older than a threshold and asks
+the other validators' ``consensus/validation_status``; a result is adopted only if its
+certificate verifies against the manifest and it is about exactly the request this
+node accepted (same request digest) — a peer is never trusted, only checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from consensus.certificate import verify_result_certificate
+from consensus.validation import decode_outcome
+from transport.client import StoqClient
+from transport.envelope import ApiError
+
+from .store import Store, StoredResult
+
+log = logging.getLogger("hypermesh.repair")
+
+
+class ResultRepair:
+    def __init__(self, *, node_id: str, manifest: Any, store: Store, adopt: Callable[[StoredResult], None],
+                 interval_s: float = 2.0, min_age_s: float = 5.0, per_round: int = 50) -> None:
+        self.node_id = node_id
+        self.manifest = manifest
+        self.keyring = manifest.keyring()
+        self.store = store
+        self.adopt = adopt
+        self.interval_s = interval_s
+        self.min_age_s = min_age_s
+        self.per_round = per_round
+        self.repaired = 0
+        self._clients: dict[str, StoqClient] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="result-repair")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for client in self._clients.values():
+            await client.close()
+
+    def _client(self, entry: Any) -> StoqClient:
+        client = self._clients.get(entry.node_id)
+        if client is None:
+            client = StoqClient(entry.host, entry.port, ca_pem=self.manifest.ca_pem, server_name=entry.server_name,
+                                timeout_s=3.0, retries=0)
+            self._clients[entry.node_id] = client
+        return client
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.repair_once()
+            except Exception:  # keep trying next round; a bug here must not stop the node
+                log.exception("result repair round failed")
+
+    async def repair_once(self) -> int:
+        peers = [e for e in self.manifest.nodes if e.node_id != self.node_id]
+        adopted = 0
+        for pending in self.store.list_pending(older_than_s=self.min_age_s, limit=self.per_round):
+            for entry in peers:
+                stored = await self._fetch(entry, pending.request_id, pending.request_digest)
+                if stored is not None and self.store.get_pending(pending.request_id) is not None:
+                    self.adopt(stored)
+                    adopted += 1
+                    break
+        if adopted:
+            self.repaired += adopted
+            log.info("adopted %d certified results from peers for requests accepted here", adopted)
+        return adopted
+
+    async def _fetch(self, entry: Any, request_id: str, request_digest: bytes) -> StoredResult | None:
+        try:
+            answer = await self._client(entry).call("consensus/validation_status", {"request_id": request_id})
+        except ApiError:
+            return None
+        if not isinstance(answer, dict) or answer.get("status") not in ("Valid", "Invalid", "Error"):
+            return None
+        result, certificate = answer.get("result"), answer.get("certificate")
+        if not isinstance(result, bytes) or not isinstance(certificate, dict):
+            return None
+        ok, reason = verify_result_certificate(self.keyring, self.manifest.cluster_id, request_id, result, certificate)
+        if not ok:
+            log.warning("%s sent an unverifiable result for %s: %s", entry.node_id, request_id, reason)
+            return None
+        try:
+            outcome = decode_outcome(result)
+        except Exception:
+            return None
+        if outcome.request_id != request_id or outcome.request_digest != request_digest:
+            log.warning("%s sent a certified result for a different request under %s", entry.node_id, request_id)
+            return None
+        return StoredResult(
+            request_id, request_digest, outcome.status, result, certificate,
+            len(certificate.get("signatures") or []), self.manifest.n, int(certificate["seq"]),
+            int(answer.get("view") or 0), str(answer.get("leader") or ""),
+        )

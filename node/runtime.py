@@ -1,0 +1,307 @@
+"""One validator at run time: the sans-I/O replica wired to peers, store, clock and metrics.
+
+The replica decides; this module only carries out its actions, in order:
+``Persist`` goes to SQLite before any later ``Send`` leaves, ``Final`` results are stored
+(one transaction per action list) and wake the client calls waiting for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from consensus.actions import (
+    AlreadyExecuted,
+    Committed,
+    Evidence,
+    Final,
+    Persist,
+    Rejected,
+    Send,
+    StateTransferred,
+    ViewChanged,
+)
+from consensus.replica import Replica, ReplicaConfig
+from consensus.validation import ValidationApp, decode_outcome
+from transport.envelope import ApiError, ErrorCode
+
+from .metrics import NodeMetrics
+from .store import PendingRequest, Store, StoredResult
+
+log = logging.getLogger("hypermesh.node")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class Waiter:
+    future: asyncio.Future[StoredResult]
+    started: float = field(default_factory=time.perf_counter)
+
+
+class ReplicaDriver:
+    """Owns the replica and everything it touches. All methods run on the event loop."""
+
+    def __init__(
+        self,
+        *,
+        replica_config: ReplicaConfig,
+        key: Any,
+        keyring: Any,
+        params: Any,
+        kem_private_key: bytes,
+        store: Store,
+        metrics: NodeMetrics,
+        send: Callable[[str | None, bytes], None],
+        byzantine: str | None = None,
+        tick_interval_s: float = 0.01,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._send = send
+        self.n = len(keyring.node_ids)
+        self._pool_size = 2
+        self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="precheck")
+        self.app = ValidationApp(params, kem_private_key, precheck_runner=self._run_prechecks)
+        replica: Any = Replica(replica_config, key, keyring, self.app, durable=store.load_records(), now_ms=now_ms())
+        if byzantine:
+            from consensus.byzantine import ByzantineReplica
+
+            replica = ByzantineReplica(replica, byzantine, key, keyring, rng_seed=int.from_bytes(key.public_key[:4], "big"))
+        self.replica = replica
+        self.tick_interval_s = tick_interval_s
+        self._waiters: dict[str, list[Waiter]] = {}
+        self._out_pending: list[PendingRequest] = []
+        self._out_records: list[tuple[str, bytes | None]] = []
+        self._out_sends: list[tuple[str | None, bytes]] = []
+        self._out_finals: list[Final] = []
+        self._out_answers: list[AlreadyExecuted | Rejected] = []
+        self._flush_scheduled = False
+        self._vote_events: dict[str, asyncio.Event] = {}
+        self._tick_task: asyncio.Task[None] | None = None
+        self._last_audit_flush = 0.0
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Accepted-but-unordered requests need no resubmission here: the replica keeps
+        # them in its own durable records (pending/<id>) and re-queues them on recovery.
+        pending = len(self.store.list_pending())
+        if pending:
+            log.info("%d accepted requests were not final at the last shutdown; the replica resumes them", pending)
+        self._tick_task = asyncio.create_task(self._tick_loop(), name="replica-tick")
+
+    async def stop(self) -> None:
+        if self._flush_scheduled:
+            self._flush()
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            try:
+                await self._tick_task
+            except asyncio.CancelledError:
+                pass
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(ApiError(ErrorCode.TransportError, "node is shutting down"))
+        self._waiters.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval_s)
+            try:
+                self._apply(self.replica.tick(now_ms()))
+                self._update_gauges()
+                if time.monotonic() - self._last_audit_flush > 0.5:
+                    self.store.flush_audit()
+                    self._last_audit_flush = time.monotonic()
+            except Exception:  # a bug must not stop the heartbeat of the node
+                log.exception("replica tick failed")
+
+    # -- events in --------------------------------------------------------------------
+
+    def on_peer_message(self, sender: str, data: bytes) -> None:
+        self.metrics.peer_frames_in.inc()
+        try:
+            self._apply(self.replica.receive(sender, data, now_ms()))
+        except Exception:
+            log.exception("replica failed on a message from %s", sender)
+
+    def submit(self, request_id: str, request_digest: bytes, kind: str, request: bytes) -> asyncio.Future[StoredResult]:
+        """Accept a client request: durable as pending first, then ordered."""
+        future: asyncio.Future[StoredResult] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(request_id, []).append(Waiter(future))
+        # Durable (in this pass's transaction) before anything about it is sent or answered.
+        # The request bytes themselves are persisted once, by the replica (pending/<id>);
+        # this row only lets validation_status answer Pending and check the digest.
+        self._out_pending.append(PendingRequest(request_id, request_digest, kind, b""))
+        self._apply(self.replica.submit(request_id, request, now_ms()))
+        return future
+
+    async def wait_for_votes(self, stored: StoredResult, grace_s: float) -> StoredResult:
+        """A result is final at 2f+1 votes; the remaining validators' votes usually land
+        a moment later. Wait up to ``grace_s`` for them so ``confidence_level`` reports
+        every validator that agreed, not just the first quorum."""
+        deadline = time.monotonic() + grace_s
+        event = self._vote_events.setdefault(stored.request_id, asyncio.Event())
+        try:
+            while stored.agreeing < stored.n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                event.clear()
+                stored = self.store.get_result(stored.request_id) or stored
+        finally:
+            self._vote_events.pop(stored.request_id, None)
+        return stored
+
+    def adopt_result(self, stored: StoredResult) -> None:
+        """A certified result fetched from a peer (see repair.py): store it and answer
+        the clients waiting for it, as if the Final had arrived here."""
+        self.store.put_results([stored])
+        for waiter in self._waiters.pop(stored.request_id, []):
+            if not waiter.future.done():
+                waiter.future.set_result(stored)
+
+    def forget_waiter(self, request_id: str, future: asyncio.Future[StoredResult]) -> None:
+        waiters = self._waiters.get(request_id)
+        if waiters:
+            waiters[:] = [w for w in waiters if w.future is not future]
+            if not waiters:
+                del self._waiters[request_id]
+
+    # -- actions out ------------------------------------------------------------------
+
+    def _apply(self, actions: list[Any], schedule: bool = True) -> None:
+        """Queue the replica's output; ``_flush`` writes and sends it once per event-loop
+        pass (group commit: one SQLite transaction for every event handled in the pass)."""
+        for action in actions:
+            if isinstance(action, Persist):
+                self._out_records.extend(action.records)
+            elif isinstance(action, Send):
+                self._out_sends.append((action.to, action.payload))
+            elif isinstance(action, Final):
+                self._out_finals.append(action)
+            elif isinstance(action, (AlreadyExecuted, Rejected)):
+                self._out_answers.append(action)
+            elif isinstance(action, Committed):
+                self.metrics.batches.inc()
+                self.metrics.batch_size.observe(len(action.request_ids))
+            elif isinstance(action, ViewChanged):
+                self.metrics.view_changes.inc()
+                log.warning("view changed to %d; leader is now %s", action.view, action.leader)
+            elif isinstance(action, Evidence):
+                self._record_evidence(action)
+            elif isinstance(action, StateTransferred):
+                self.metrics.state_transfers.inc()
+                log.warning("caught up by state transfer to checkpoint seq %d", action.seq)
+        if schedule:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and (self._out_records or self._out_sends or self._out_finals
+                                          or self._out_answers or self._out_pending):
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Durable first (pending requests, consensus records, final results in one
+        transaction), then the sends that depend on it, then the answers."""
+        self._flush_scheduled = False
+        # Every request that arrived in this pass is queued now: close a partial batch.
+        self._apply(self.replica.propose(now_ms()), schedule=False)
+        pending, self._out_pending = self._out_pending, []
+        records, self._out_records = self._out_records, []
+        sends, self._out_sends = self._out_sends, []
+        finals, self._out_finals = self._out_finals, []
+        answers, self._out_answers = self._out_answers, []
+        stored = [self._to_stored(final) for final in finals]
+        if pending or records or stored:
+            with self.store.transaction():
+                for request in pending:
+                    self.store.add_pending(request)
+                if records:
+                    self.store.apply_records(records)
+                if stored:
+                    self.store.put_results(stored)
+        for to, payload in sends:
+            self._send(to, payload)
+        for result, final in zip(stored, finals):
+            if not final.late:
+                self.metrics.confidence.observe(final.agreeing / final.n)
+            elif result.request_id in self._vote_events:
+                self._vote_events[result.request_id].set()
+            for waiter in self._waiters.pop(result.request_id, []):
+                if not waiter.future.done():
+                    waiter.future.set_result(result)
+        for answer in answers:
+            if isinstance(answer, AlreadyExecuted):
+                self._answer_from_store(answer.request_id)
+            else:
+                self._fail(answer.request_id, ApiError(ErrorCode(answer.code), answer.message))
+
+    @staticmethod
+    def _to_stored(final: Final) -> StoredResult:
+        try:
+            status = decode_outcome(final.result).status
+        except Exception:
+            status = "Error"
+        return StoredResult(
+            final.request_id, final.request_digest, status, final.result, final.certificate.to_wire(),
+            final.agreeing, final.n, final.certificate.seq, final.view, final.leader,
+        )
+
+    def _answer_from_store(self, request_id: str) -> None:
+        stored = self.store.get_result(request_id)
+        if stored is not None:
+            for waiter in self._waiters.pop(request_id, []):
+                if not waiter.future.done():
+                    waiter.future.set_result(stored)
+        # Otherwise the result is still on its way (final votes not in yet): keep waiting.
+
+    def _fail(self, request_id: str, error: ApiError) -> None:
+        for waiter in self._waiters.pop(request_id, []):
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
+    def _record_evidence(self, evidence: Evidence) -> None:
+        if self.store.add_evidence(
+            evidence.accused, evidence.kind, evidence.seq, evidence.view, list(evidence.messages), evidence.detail
+        ):
+            self.metrics.evidence.labels(evidence.accused, evidence.kind).inc()
+            log.warning(
+                "BYZANTINE EVIDENCE against %s: %s at view %d seq %d %s",
+                evidence.accused, evidence.kind, evidence.view, evidence.seq, evidence.detail,
+            )
+
+    def _run_prechecks(self, parts: list[Callable[[], Any]]) -> list[Any]:
+        """The proof checks are independent and their crypto releases the GIL, so they
+        run on the pool — as one contiguous chunk per worker: a future per check would
+        cost more in thread hand-offs than the smaller checks themselves."""
+        workers = self._pool_size
+        if len(parts) < 2 * workers:
+            return [part() for part in parts]
+        size = -(-len(parts) // workers)
+        chunks = [parts[i:i + size] for i in range(0, len(parts), size)]
+        results: list[Any] = []
+        for chunk_results in self._pool.map(lambda chunk: [part() for part in chunk], chunks):
+            results.extend(chunk_results)
+        return results
+
+    def _update_gauges(self) -> None:
+        replica = self.replica
+        self.metrics.view.set(replica.view)
+        self.metrics.is_leader.set(1 if replica.is_leader else 0)
+        self.metrics.last_executed.set(replica.last_executed_seq)
+        self.metrics.stable_checkpoint.set(replica.stable_checkpoint_seq)

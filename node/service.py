@@ -1,0 +1,307 @@
+"""The client API of a validator: the STOQ handlers behind each path.
+
+Paths (seed names kept): ``consensus/validate_certificate``, ``consensus/validate_proofs``,
+``consensus/validation_status``, ``consensus/health``, ``consensus/evidence`` and
+``cluster/status``. Payloads are documented in docs/API.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+
+from consensus.codec import DecodeError
+from consensus.crypto import backend
+from consensus.validation import decode_outcome, parse_request
+from transport.envelope import ApiError, ErrorCode
+
+from .cache import ResultCache
+from .metrics import NodeMetrics
+from .runtime import ReplicaDriver
+from .tracing import trace_id_of
+from .store import StoredResult
+
+log = logging.getLogger("hypermesh.service")
+
+VERSION = "0.1.0"
+SERVICE_NAME = "hypermesh-consensus"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceLimits:
+    max_validations: int = 100
+    validation_timeout_s: float = 30.0
+    vote_grace_s: float = 0.05
+
+
+def result_payload(stored: StoredResult) -> dict[str, Any]:
+    """The ValidationResult a client receives: the outcome, how many validators signed
+    it, and the certificate that lets the client check all of that on its own."""
+    outcome = decode_outcome(stored.result).to_wire()
+    return {
+        **outcome,
+        "request_id": stored.request_id,
+        "status": stored.status,
+        "metrics": {
+            "validator_nodes": stored.agreeing,
+            "total_validators": stored.n,
+            "confidence_level": round(stored.agreeing / stored.n, 6),
+            "seq": stored.seq,
+        },
+        "leader": stored.leader,
+        "view": stored.view,
+        "result": stored.result,
+        "certificate": stored.certificate,
+    }
+
+
+class ValidationService:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        cluster_id: str,
+        driver: ReplicaDriver,
+        metrics: NodeMetrics,
+        limits: ServiceLimits,
+        cache: ResultCache | None,
+        peer_stats: Any = None,
+        tracer: Any = None,
+    ) -> None:
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.driver = driver
+        self.metrics = metrics
+        self.limits = limits
+        self.cache = cache
+        self.peer_stats = peer_stats
+        self.tracer = tracer or trace.NoOpTracer()
+        self.started = time.time()
+        self.in_flight = 0
+        self._short_results = 0  # consecutive results whose grace ran out before all n votes came
+        self._grace_probe = 0
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "consensus/validate_proofs": self.validate_proofs,
+            "consensus/validate_certificate": self.validate_certificate,
+            "consensus/validation_status": self.validation_status,
+            "consensus/health": self.health,
+            "consensus/evidence": self.evidence,
+            "cluster/status": self.cluster_status,
+        }
+
+    def response_metadata(self) -> dict[str, str]:
+        """Every reply names the current leader, so clients can go straight to it."""
+        replica = self.driver.replica
+        return {"leader": replica.leader, "view": str(replica.view), "node": self.node_id}
+
+    # -- validation -------------------------------------------------------------------
+
+    async def validate_proofs(self, payload: Any, ctx: Any) -> dict[str, Any]:
+        return await self._validate("proofs", payload, ctx)
+
+    async def validate_certificate(self, payload: Any, ctx: Any) -> dict[str, Any]:
+        return await self._validate("certificate", payload, ctx)
+
+    async def _validate(self, kind: str, payload: Any, ctx: Any) -> dict[str, Any]:
+        with self.tracer.start_as_current_span(f"validate_{kind}") as span:
+            trace_id = trace_id_of(span)
+            if trace_id:
+                ctx.response_metadata["trace_id"] = trace_id
+            result = await self._validate_traced(kind, payload, span)
+            span.set_attribute("hypermesh.status", str(result.get("status")))
+            metrics = result.get("metrics") or {}
+            if "seq" in metrics:
+                span.set_attribute("hypermesh.seq", metrics["seq"])
+                span.set_attribute("hypermesh.validator_nodes", metrics["validator_nodes"])
+            return result
+
+    async def _validate_traced(self, kind: str, payload: Any, span: Any) -> dict[str, Any]:
+        try:
+            request = parse_request(kind, payload)
+        except DecodeError as exc:
+            raise ApiError(ErrorCode.InvalidRequest, f"{exc.field}: {exc.message}") from None
+        encoded = request.encode()
+        request_digest = hashlib.sha256(encoded).digest()
+        span.set_attribute("hypermesh.request_id", request.request_id)
+
+        if self.cache is not None:
+            cached = self.cache.get(request_digest)
+            if cached is not None:
+                self.metrics.cache_hits.inc()
+                span.set_attribute("hypermesh.cache_hit", True)
+                return cached
+            self.metrics.cache_misses.inc()
+
+        stored = self.driver.store.get_result(request.request_id)
+        if stored is not None:
+            return self._finished(kind, stored, request_digest, started=None)
+
+        if self.in_flight >= self.limits.max_validations:
+            raise ApiError(
+                ErrorCode.Overloaded,
+                f"{self.limits.max_validations} validations already in flight on {self.node_id} "
+                "(--max-validations); retry with backoff or use another node",
+            )
+        pending = self.driver.store.get_pending(request.request_id)
+        if pending is not None and pending.request_digest != request_digest:
+            raise ApiError(ErrorCode.InvalidRequest, "request_id: already used for a different request")
+
+        started = time.perf_counter()
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        future = self.driver.submit(request.request_id, request_digest, kind, encoded)
+        try:
+            stored = await asyncio.wait_for(asyncio.shield(future), self.limits.validation_timeout_s)
+        except asyncio.TimeoutError:
+            self.driver.forget_waiter(request.request_id, future)
+            # Accepted and durable: the client can poll validation_status for the result.
+            return {"request_id": request.request_id, "status": "Pending", "leader": self.driver.replica.leader}
+            if stored.agreeing < stored.n and self._should_wait_for_votes():
+                stored = await self.driver.wait_for_votes(stored, self.limits.vote_grace_s)
+                self._short_results = 0 if stored.agreeing >= stored.n else self._short_results + 1
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+        return self._finished(kind, stored, request_digest, started)
+
+    def _should_wait_for_votes(self) -> bool:
+        """Wait for the last votes — unless the last few waits were in vain (a validator
+        is down or partitioned): then only every 20th result probes whether it is back,
+        so a dead validator does not add the grace period to every answer."""
+        if self.limits.vote_grace_s <= 0:
+            return False
+        if self._short_results < 3:
+            return True
+        self._grace_probe += 1
+        return self._grace_probe % 20 == 0
+
+    def _finished(self, kind: str, stored: StoredResult, request_digest: bytes, started: float | None) -> dict[str, Any]:
+        if stored.request_digest != request_digest:
+            raise ApiError(ErrorCode.InvalidRequest, "request_id: already used for a different request")
+        payload = result_payload(stored)
+        if started is not None:
+            self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
+            self.metrics.validations.labels(kind, stored.status).inc()
+        if self.cache is not None:
+            self.cache.put(request_digest, payload)
+        return payload
+
+    async def validation_status(self, payload: Any, ctx: Any) -> dict[str, Any]:
+        if not isinstance(payload, dict) or not isinstance(payload.get("request_id"), str):
+            raise ApiError(ErrorCode.InvalidRequest, "request_id: required, a string")
+        request_id = payload["request_id"]
+        if not 0 < len(request_id) <= 128:
+            raise ApiError(ErrorCode.InvalidRequest, "request_id: must be 1..128 characters")
+        stored = self.driver.store.get_result(request_id)
+        if stored is not None:
+            return result_payload(stored)
+        if self.driver.store.get_pending(request_id) is not None:
+            return {"request_id": request_id, "status": "Pending", "leader": self.driver.replica.leader}
+        raise ApiError(ErrorCode.NotFound, f"request_id: no request {request_id!r} is known to {self.node_id}")
+
+    # -- health, status, evidence -----------------------------------------------------
+
+    async def health(self, payload: Any, ctx: Any) -> dict[str, Any]:
+        replica = self.driver.replica
+        return {
+            "status": "healthy",
+            "service": SERVICE_NAME,
+            "version": VERSION,
+            "node_id": self.node_id,
+            "cluster_id": self.cluster_id,
+            "leader": replica.leader,
+            "view": replica.view,
+            "last_executed_seq": replica.last_executed_seq,
+            "uptime_s": round(time.time() - self.started, 3),
+            "crypto": backend().report(),
+        }
+
+    async def cluster_status(self, payload: Any, ctx: Any) -> dict[str, Any]:
+        replica = self.driver.replica
+        status = dict(replica.status())
+        peers = self.peer_stats() if callable(self.peer_stats) else None
+        return {
+            "node_id": self.node_id,
+            "cluster_id": self.cluster_id,
+            "view": replica.view,
+            "leader": replica.leader,
+            "is_leader": replica.is_leader,
+            "last_executed_seq": replica.last_executed_seq,
+            "stable_checkpoint_seq": replica.stable_checkpoint_seq,
+            "in_flight": self.in_flight,
+            "results_stored": self.driver.store.count_results(),
+            "evidence": self.driver.store.evidence_counts(),
+            "cache": None if self.cache is None else {
+                "entries": len(self.cache), "hits": self.cache.stats.hits, "misses": self.cache.stats.misses,
+            },
+            "peers": _plain(dataclasses.asdict(peers) if dataclasses.is_dataclass(peers) else peers),
+            "replica": _plain(status),
+        }
+
+    async def evidence(self, payload: Any, ctx: Any) -> dict[str, Any]:
+        accused = None
+        limit = 100
+        if isinstance(payload, dict):
+            if payload.get("accused") is not None:
+                if not isinstance(payload["accused"], str):
+                    raise ApiError(ErrorCode.InvalidRequest, "accused: must be a node id string")
+                accused = payload["accused"]
+            if payload.get("limit") is not None:
+                if not isinstance(payload["limit"], int) or not 0 < payload["limit"] <= 1000:
+                    raise ApiError(ErrorCode.InvalidRequest, "limit: must be an integer 1..1000")
+                limit = payload["limit"]
+        records = self.driver.store.list_evidence(accused, limit)
+        return {
+            "node_id": self.node_id,
+            "counts": self.driver.store.evidence_counts(),
+            "evidence": [
+                {
+                    "id": r.id, "accused": r.accused, "kind": r.kind, "seq": r.seq, "view": r.view,
+                    "messages": r.messages, "detail": r.detail, "recorded_at": r.recorded_at,
+                }
+                for r in records
+            ],
+        }
+
+
+def _plain(value: Any) -> Any:
+    """Status dicts may hold tuples or other containers msgpack would reject."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    return str(value)
+
+
+def wrap_handler(service: ValidationService, path: str, handler: Any) -> Any:
+    """Around every handler: name the leader in the reply metadata, count errors by
+    code, and write the audit row."""
+
+    async def wrapped(payload: Any, ctx: Any) -> Any:
+        request_id = payload.get("request_id") if isinstance(payload, dict) else None
+        request_id = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+        try:
+            result = await handler(payload, ctx)
+        except ApiError as exc:
+            service.metrics.errors.labels(str(exc.code)).inc()
+            service.driver.store.audit(ctx.peer_identity, path, request_id, f"error:{exc.code}")
+            raise
+        finally:
+            ctx.response_metadata.update(service.response_metadata())
+        if path.startswith("consensus/validate"):
+            status = result.get("status") if isinstance(result, dict) else None
+            service.driver.store.audit(ctx.peer_identity, path, request_id, f"ok:{status}")
+        return result
+
+    return wrapped

@@ -1,0 +1,89 @@
+"""``hypermesh cluster init`` and the manifest: what nodes and clients load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from cluster.bootstrap import InitOptions, init_cluster
+from cluster.cli import from_json, main, to_json
+from cluster.manifest import ManifestError, load_kem_private_key, load_manifest, load_node_key, parse_endpoint
+from consensus.crypto import kem_scheme
+from transport.tls import verify_client_chain
+
+
+def test_init_writes_a_consistent_cluster(tmp_path: Path) -> None:
+    manifest = init_cluster(tmp_path / "c", InitOptions(nodes=4, base_port=9300, signing_scheme="Ed25519"))
+    loaded = load_manifest(tmp_path / "c")
+    assert loaded.cluster_id == manifest.cluster_id and loaded.n == 4 and loaded.f == 1
+    assert [n.endpoint for n in loaded.nodes] == [f"[::1]:{9300 + i}" for i in range(4)]
+    keyring = loaded.keyring()
+    for entry in loaded.nodes:
+        key = load_node_key(loaded, entry.node_id)
+        assert keyring.verify(entry.node_id, b"m", key.sign(b"m"))
+        assert not keyring.verify(entry.node_id, b"other", key.sign(b"m"))
+        # Node TLS certificates chain to the cluster CA and name the node.
+        cert = x509.load_pem_x509_certificate((loaded.node_dir(entry.node_id) / "tls.pem").read_bytes())
+        assert verify_client_chain(cert.public_bytes(Encoding.DER), [], loaded.ca_pem) == entry.node_id
+    # Every node holds the same cluster KEM key, matching the public key in the params.
+    ciphertext, shared = kem_scheme().encapsulate(loaded.validation_params().kem_public_key)
+    for entry in loaded.nodes:
+        assert kem_scheme().decapsulate(load_kem_private_key(loaded, entry.node_id), ciphertext) == shared
+    assert (tmp_path / "c" / "nodes" / "node-1" / "signing.json").stat().st_mode & 0o077 == 0
+
+
+def test_init_refuses_to_overwrite_and_refuses_sizes_that_are_not_3f_plus_1(tmp_path: Path) -> None:
+    init_cluster(tmp_path / "c", InitOptions(nodes=1))
+    with pytest.raises(ManifestError, match="--force"):
+        init_cluster(tmp_path / "c", InitOptions(nodes=1))
+    first = load_manifest(tmp_path / "c").cluster_id
+    init_cluster(tmp_path / "c", InitOptions(nodes=4, force=True))
+    assert load_manifest(tmp_path / "c").cluster_id != first
+    for bad in (2, 3, 5, 6):
+        with pytest.raises(ManifestError, match="3f\\+1"):
+            init_cluster(tmp_path / f"bad{bad}", InitOptions(nodes=bad))
+
+
+def test_manifest_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="hypermesh cluster init"):
+        load_manifest(tmp_path / "nowhere")
+    init_cluster(tmp_path / "c", InitOptions(nodes=4))
+    path = tmp_path / "c" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["nodes"] = data["nodes"][:3]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="3f\\+1"):
+        load_manifest(tmp_path / "c")
+    data["nodes"][0]["signing_public_key"] = "%%%"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="base64"):
+        load_manifest(tmp_path / "c")
+
+
+def test_endpoints_parse_in_every_spelling() -> None:
+    assert parse_endpoint("[::1]:9300") == ("::1", 9300)
+    assert parse_endpoint("::1") == ("::1", 9292)
+    assert parse_endpoint("node-1:9292") == ("node-1", 9292)
+    assert parse_endpoint("consensus") == ("consensus", 9292)
+    for bad in ("[::1]:x", "node:70000", ":9292"):
+        with pytest.raises(ManifestError):
+            parse_endpoint(bad)
+
+
+def test_json_bytes_convention_roundtrips() -> None:
+    value = {"a": b"\x00\xff", "b": [b"x", 1, "text"], "c": {"d": None}}
+    assert from_json(json.loads(json.dumps(to_json(value)))) == value
+
+
+def test_cli_init_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cluster", "init", "--nodes", "4", "--out", str(tmp_path / "c"), "--signing-scheme", "Ed25519"]) == 0
+    out = capsys.readouterr().out
+    assert "tolerates f=1" in out and "node-4" in out
+    assert main(["cluster", "init", "--nodes", "4", "--out", str(tmp_path / "c")]) == 2
+    assert "--force" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cluster", "init", "--nodes", "4", "--out", str(tmp_path / "x"), "--signing-scheme", "RSA"])

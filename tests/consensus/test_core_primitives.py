@@ -1,0 +1,132 @@
+"""The shared primitives: Merkle trees, canonical codec, crypto backends."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from consensus import codec, crypto, merkle
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 64, 100])
+def test_every_inclusion_path_verifies_and_nothing_else_does(size: int) -> None:
+    rng = random.Random(size)
+    leaves = [rng.randbytes(8) for _ in range(size)]
+    root = merkle.root(leaves)
+    tree = merkle.MerkleTree([merkle.leaf_hash(leaf) for leaf in leaves])
+    assert tree.root == root
+    for i, leaf in enumerate(leaves):
+        path = merkle.inclusion_path(leaves, i)
+        assert tree.path(i) == path
+        assert merkle.verify_inclusion(leaf, i, size, path, root)
+        assert not merkle.verify_inclusion(leaf + b"!", i, size, path, root)
+        assert not merkle.verify_inclusion(leaf, i, size * 4, path, root)  # a tree of another shape
+        if path:
+            assert not merkle.verify_inclusion(leaf, i, size, path[:-1], root)
+            assert not merkle.verify_inclusion(leaf, i, size, [bytes(32)] + path[1:], root)
+    # An inner node is never accepted as a leaf (domain separation).
+    if size >= 2:
+        inner = merkle.node_hash(merkle.leaf_hash(leaves[0]), merkle.leaf_hash(leaves[1]))
+        assert not merkle.verify_inclusion_of_hash(inner, 0, size, merkle.inclusion_path(leaves, 0)[1:], root)
+
+
+def test_rfc9162_known_answer() -> None:
+    # Two leaves: root = H(0x01 || H(0x00 || a) || H(0x00 || b)).
+    import hashlib
+
+    a, b = b"a", b"b"
+    expected = hashlib.sha256(b"\x01" + hashlib.sha256(b"\x00a").digest() + hashlib.sha256(b"\x00b").digest()).digest()
+    assert merkle.root([a, b]) == expected
+    assert merkle.root([]) == hashlib.sha256(b"").digest()
+
+
+def test_canonical_encoding_is_independent_of_key_order_and_refuses_floats() -> None:
+    assert codec.canonical_pack({"b": 1, "a": [1, b"x"]}) == codec.canonical_pack({"a": [1, b"x"], "b": 1})
+    assert codec.digest({"k": (1, 2)}) == codec.digest({"k": [1, 2]})
+    with pytest.raises(TypeError):
+        codec.canonical_pack({"x": 1.5})
+    with pytest.raises(TypeError):
+        codec.canonical_pack({1: "int key"})
+
+
+@pytest.mark.parametrize("data, field_text", [
+    (b"\x91" * 50 + b"\x01", "nested deeper"),
+    (b"\xc1", "not valid msgpack"),
+    (b"\x01\x02", "trailing bytes"),
+    (b"\xd4\x01\x00", "not valid msgpack"),  # ext types are refused
+    (b"\x81\x01\x02", "not valid msgpack"),  # non-str map keys are refused
+    (b"\xdb\xff\xff\xff\xff", "not valid msgpack"),  # a str claiming 4 GiB
+])
+def test_bounded_decode_refuses_hostile_input(data: bytes, field_text: str) -> None:
+    with pytest.raises(codec.DecodeError) as info:
+        codec.unpack_bounded(data, max_size=1000, field="payload")
+    assert info.value.field == "payload" and field_text in info.value.message
+
+
+def test_bounded_decode_refuses_oversize_before_parsing() -> None:
+    with pytest.raises(codec.DecodeError, match="exceeds the limit"):
+        codec.unpack_bounded(b"\xc4\x05hello" * 100, max_size=100)
+
+
+def test_codec_fuzz_only_raises_decode_error() -> None:
+    rng = random.Random(7)
+    seeds = [codec.canonical_pack(v) for v in ({"a": [1, 2, {"b": b"x"}]}, [1, "two", None, True], {"k": "v" * 40})]
+    for _ in range(3000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            action = rng.random()
+            if action < 0.5 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif action < 0.75:
+                data.insert(rng.randrange(len(data) + 1), rng.randrange(256))
+            elif data:
+                del data[rng.randrange(len(data))]
+        try:
+            codec.unpack_bounded(bytes(data), max_size=4096)
+        except codec.DecodeError:
+            pass
+
+
+@pytest.mark.parametrize("scheme", crypto.SIGNATURE_SCHEMES)
+def test_every_signature_scheme_signs_and_rejects(scheme: str) -> None:
+    impl = crypto.signature_scheme(scheme)
+    public, private = impl.generate()
+    signature = impl.sign(private, b"message")
+    assert impl.verify(public, b"message", signature)
+    assert not impl.verify(public, b"other message", signature)
+    assert not impl.verify(public, b"message", signature[:-1] + bytes([signature[-1] ^ 1]))
+    assert not impl.verify(b"short", b"message", signature)  # malformed key: False, not an exception
+
+
+def test_kem_roundtrip_and_bad_ciphertext() -> None:
+    kem = crypto.kem_scheme("ML-KEM-1024")
+    public, private = kem.generate()
+    ciphertext, shared = kem.encapsulate(public)
+    assert kem.decapsulate(private, ciphertext) == shared
+    with pytest.raises(crypto.CryptoError):
+        kem.decapsulate(private, ciphertext[:-1])
+    with pytest.raises(crypto.CryptoError):
+        crypto.signature_scheme("RSA-512")
+
+
+def test_backend_choice_never_triggers_the_liboqs_auto_install() -> None:
+    """Without the liboqs library, importing our crypto must not import ``oqs`` (which
+    would try to git-clone and build liboqs) and must report the index backend."""
+    code = (
+        "import sys, consensus.crypto as c; r = c.backend().report(); "
+        "print(r['backend'], 'oqs' in sys.modules)"
+    )
+    env = dict(os.environ, OQS_INSTALL_PATH="/nonexistent")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2], env=env)
+    assert out.returncode == 0, out.stderr
+    backend, imported = out.stdout.split()
+    if crypto.liboqs_library_path() is None:
+        assert (backend, imported) == ("pyca+pqclean", "False")
+    else:
+        assert backend == "liboqs"

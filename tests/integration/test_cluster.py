@@ -1,0 +1,165 @@
+"""A 4-node cluster of real processes on [::1]: load, leader crash, restart, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+
+from cluster.client import ClusterClient
+
+from .conftest import RunningCluster, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+async def submit_all(running: RunningCluster, payloads: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Send each request to a random node (followers forward to the leader)."""
+    rng = random.Random(seed)
+    clients = {e.node_id: ClusterClient(running.manifest, endpoints=[e], timeout_s=30) for e in running.manifest.nodes}
+    try:
+        async def one(payload: dict[str, Any]) -> dict[str, Any]:
+            client = clients[rng.choice(sorted(clients))]
+            return await client.validate_proofs(payload, wait_s=60)
+
+        return list(await asyncio.gather(*(one(p) for p in payloads)))
+    finally:
+        for client in clients.values():
+            await client.close()
+
+
+async def results_on_every_node(running: RunningCluster, request_ids: list[str], nodes: list[str]) -> None:
+    """Every node stores the same certified result for every request."""
+    async with running.client() as client:
+        for request_id in request_ids:
+            seen = set()
+            for node_id in nodes:
+                status = await client.validation_status(request_id, node_id=node_id)  # verifies the certificate
+                seen.add((status["status"], status["result"], status["metrics"]["seq"]))
+            assert len(seen) == 1, f"{request_id}: nodes disagree: {seen}"
+
+
+def test_four_nodes_agree_under_concurrent_load(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    running = make_cluster(4)
+    factory = running.factory
+    payloads = [factory.proofs() for _ in range(30)] + [factory.proofs(fault=("stake", "signature")) for _ in range(5)]
+
+    results = asyncio.run(submit_all(running, payloads, seed=1))
+    by_id = {r["request_id"]: r for r in results}
+    assert len(by_id) == len(payloads)
+    for payload in payloads[:30]:
+        result = by_id[payload["request_id"]]
+        assert result["status"] == "Valid"
+        assert result["metrics"]["validator_nodes"] >= 3 and result["metrics"]["total_validators"] == 4
+    for payload in payloads[30:]:
+        assert by_id[payload["request_id"]]["status"] == "Invalid"
+    # Batching: 35 concurrent requests need fewer consensus rounds than requests.
+    assert len({r["metrics"]["seq"] for r in results}) < len(payloads)
+    asyncio.run(results_on_every_node(running, list(by_id)[:10], [e.node_id for e in running.manifest.nodes]))
+
+    # A retried request is answered from the ordered result, not executed twice.
+    async def retry() -> None:
+        async with running.client() as client:
+            again = await client.validate_proofs(payloads[0])
+            assert again["result"] == by_id[payloads[0]["request_id"]]["result"]
+            assert again["metrics"]["seq"] == by_id[payloads[0]["request_id"]]["metrics"]["seq"]
+
+    asyncio.run(retry())
+
+
+def test_leader_kill_9_then_new_view_and_catch_up(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    running = make_cluster(4, common_args=["--view-change-timeout-ms", "1000", "--checkpoint-interval", "4"])
+    factory = running.factory
+    first = asyncio.run(submit_all(running, [factory.proofs() for _ in range(10)], seed=2))
+    assert all(r["status"] == "Valid" for r in first)
+    old_leader = first[0]["leader"]
+
+    running.cluster.kill_node(old_leader)
+    survivors = [e.node_id for e in running.manifest.nodes if e.node_id != old_leader]
+
+    async def survivors_only() -> list[dict[str, Any]]:
+        entries = [e for e in running.manifest.nodes if e.node_id != old_leader]
+        rng = random.Random(3)
+        clients = [ClusterClient(running.manifest, endpoints=[e], timeout_s=40) for e in entries]
+        try:
+            return list(await asyncio.gather(*(
+                rng.choice(clients).validate_proofs(factory.proofs(), wait_s=90) for _ in range(20)
+            )))
+        finally:
+            for c in clients:
+                await c.close()
+
+    second = asyncio.run(survivors_only())
+    assert all(r["status"] == "Valid" for r in second)
+    assert {r["leader"] for r in second} - {old_leader}, "a new leader should have been chosen"
+    asyncio.run(results_on_every_node(running, [r["request_id"] for r in second[:5]], survivors))
+
+    # Exactly once: no two requests share a (seq, index) slot, and ids are unique.
+    slots = [(r["metrics"]["seq"], r["certificate"]["index"]) for r in first + second]
+    assert len(slots) == len(set(slots))
+
+    running.cluster.start_node(old_leader)
+
+    async def caught_up() -> bool:
+        async with running.client() as client:
+            statuses = await client.status()
+            seqs = {s["node_id"]: s.get("last_executed_seq", -1) for s in statuses if s.get("reachable")}
+            return old_leader in seqs and seqs[old_leader] >= max(seqs[n] for n in survivors)
+
+    asyncio.run(wait_until(caught_up, 60, f"{old_leader} to catch up after restart"))
+    asyncio.run(results_on_every_node(running, [r["request_id"] for r in second[-3:]], [old_leader]))
+
+
+def test_accepted_request_survives_a_crash_before_quorum(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """node-1 accepts a request while no quorum exists, is killed -9, and after the
+    cluster comes back the request is still ordered: nothing acknowledged is lost."""
+    running = make_cluster(4, common_args=["--request-timeout", "2"])
+    for node_id in ("node-3", "node-4"):
+        running.cluster.stop_node(node_id)
+    payload = running.factory.proofs()
+
+    async def accept() -> dict[str, Any]:
+        async with ClusterClient(running.manifest, endpoints=[running.manifest.nodes[0]], timeout_s=20) as client:
+            return await client.call_node("node-1", "consensus/validate_proofs", payload)
+
+    accepted = asyncio.run(accept())
+    assert accepted["status"] == "Pending"
+    running.cluster.kill_node("node-1")
+    running.cluster.kill_node("node-2")
+    running.start()
+
+    async def final() -> dict[str, Any]:
+        async with running.client() as client:
+            return await client.wait_final(payload["request_id"], timeout_s=60)
+
+    result = asyncio.run(final())
+    assert result["status"] == "Valid"
+
+
+def test_a_node_that_missed_a_final_result_fetches_it_from_peers(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """node-4 accepted a request but was away when it became final (simulated by
+    rewriting its database while it is stopped): after restart it must not say Pending
+    for ever — it adopts the certified result from a peer, after checking it."""
+    import sqlite3
+
+    running = make_cluster(4)
+    payload = running.factory.proofs()
+    first = asyncio.run(submit_all(running, [payload], seed=5))[0]
+    request_id = payload["request_id"]
+    running.cluster.stop_node("node-4")
+    db = sqlite3.connect(running.cluster.nodes["node-4"].data_dir / "node.db")
+    with db:
+        db.execute("DELETE FROM results WHERE request_id = ?", (request_id,))
+        db.execute("INSERT INTO pending VALUES (?, ?, 'proofs', x'', 0)", (request_id, first["request_digest"]))
+    db.close()
+    running.cluster.start_node("node-4")
+    asyncio.run(running.cluster.wait_healthy(["node-4"], timeout_s=60))
+
+    async def repaired() -> bool:
+        async with running.client() as client:
+            status = await client.validation_status(request_id, node_id="node-4")  # verified by the client too
+            return status["status"] == "Valid" and status["result"] == first["result"]
+
+    asyncio.run(wait_until(repaired, 60, "node-4 to adopt the certified result"))

@@ -1,0 +1,123 @@
+"""The node's embedded store and result cache, on a real SQLite file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from node.cache import ResultCache
+from node.store import PendingRequest, Store, StoredResult
+
+
+def _result(request_id: str, agreeing: int = 3, seq: int = 1, index: int = 0) -> StoredResult:
+    signatures = [[f"node-{i}", bytes([i]) * 8] for i in range(1, agreeing + 1)]
+    certificate = {"cluster_id": "hm-test", "seq": seq, "root": b"r" * 32, "size": 2, "index": index,
+                   "path": [bytes([index]) * 32], "signatures": signatures}
+    return StoredResult(request_id, b"d" * 32, "Valid", b"result-bytes", certificate, agreeing, 4, seq, 0, "node-1")
+
+
+def test_results_roundtrip_and_late_votes_only_raise_the_count(tmp_path: Path) -> None:
+    store = Store(tmp_path / "node.db")
+    store.put_results([_result("a", agreeing=3)])
+    assert store.get_result("a").agreeing == 3
+    store.put_results([_result("a", agreeing=4)])
+    assert store.get_result("a").agreeing == 4
+    store.put_results([_result("a", agreeing=3)])  # a stale late update never lowers it
+    got = store.get_result("a")
+    assert got.agreeing == 4 and len(got.certificate["signatures"]) == 4
+    assert store.get_result("missing") is None
+
+
+def test_certificates_share_the_batch_signatures_but_keep_their_own_paths(tmp_path: Path) -> None:
+    store = Store(tmp_path / "node.db")
+    store.put_results([_result("a", index=0), _result("b", index=1), _result("c", seq=2)])
+    a, b, c = (store.get_result(x) for x in "abc")
+    assert a.certificate["path"] == [b"\x00" * 32] and b.certificate["path"] == [b"\x01" * 32]
+    assert (a.certificate["index"], b.certificate["index"]) == (0, 1)
+    assert a.certificate["signatures"] == b.certificate["signatures"] and a.certificate["root"] == b"r" * 32
+    store.put_results([_result("a", agreeing=4, index=0)])  # a late vote for batch 1 raises both a and b
+    assert store.get_result("b").agreeing == 4 and store.get_result("c").agreeing == 3
+
+
+def test_grouped_results_keep_the_certificate_with_the_most_signers(tmp_path: Path) -> None:
+    """put_results writes each batch certificate once per call: the grouped write must
+    keep what row-by-row upserts kept (the most signers, whatever the order), clear
+    every pending entry, and store the page size that cuts the cost of large batches."""
+    store = Store(tmp_path / "node.db")
+    for rid in "abc":
+        store.add_pending(PendingRequest(rid, b"d" * 32, "proofs", b""))
+    store.put_results([_result("a", agreeing=3, index=0), _result("b", agreeing=4, index=1),
+                       _result("c", agreeing=3, seq=2), _result("a", agreeing=2, index=0)])
+    a, b, c = (store.get_result(x) for x in "abc")
+    assert a.agreeing == b.agreeing == 4 and len(a.certificate["signatures"]) == 4
+    assert c.agreeing == 3 and b.certificate["index"] == 1
+    assert store.list_pending() == []
+    store.put_results([_result("d", agreeing=3), _result("e", agreeing=3, index=1)])  # stale: never lowers
+    assert store.get_result("d").agreeing == 4 and store.get_result("e").certificate["index"] == 1
+    assert store._db.execute("PRAGMA page_size").fetchone()[0] == 16384
+
+
+def test_a_final_result_clears_its_pending_entry(tmp_path: Path) -> None:
+    store = Store(tmp_path / "node.db")
+    store.add_pending(PendingRequest("a", b"d" * 32, "proofs", b"req"))
+    store.add_pending(PendingRequest("b", b"e" * 32, "proofs", b"req2"))
+    assert [p.request_id for p in store.list_pending()] == ["a", "b"]
+    store.put_results([_result("a")])
+    assert [p.request_id for p in store.list_pending()] == ["b"]
+
+
+def test_consensus_records_put_and_delete(tmp_path: Path) -> None:
+    store = Store(tmp_path / "node.db")
+    store.apply_records([("view", b"\x01"), ("vote/1", b"x")])
+    store.apply_records([("vote/1", None), ("vote/2", b"y")])
+    assert dict(store.load_records()) == {"view": b"\x01", "vote/2": b"y"}
+
+
+def test_evidence_is_stored_once_per_offence(tmp_path: Path) -> None:
+    store = Store(tmp_path / "node.db")
+    assert store.add_evidence("node-3", "equivocation", 5, 0, [b"m1", b"m2"], "two pre-prepares")
+    assert not store.add_evidence("node-3", "equivocation", 5, 0, [b"m1", b"m2"], "again")
+    assert store.add_evidence("node-3", "wrong-result", 6, 0, [b"m3"], "")
+    assert store.evidence_counts() == {"node-3": 2}
+    records = store.list_evidence("node-3")
+    assert {r.kind for r in records} == {"equivocation", "wrong-result"}
+    assert records[-1].messages == [b"m1", b"m2"]
+
+
+def test_committed_writes_survive_kill_9(tmp_path: Path) -> None:
+    """A process that stored results and pending requests and then dies without
+    closing anything (os._exit, like kill -9) loses none of them."""
+    db = tmp_path / "node.db"
+    script = textwrap.dedent(
+        f"""
+        import os
+        from node.store import Store, PendingRequest, StoredResult
+        s = Store(__import__('pathlib').Path({str(db)!r}))
+        s.add_pending(PendingRequest("p", b"d" * 32, "proofs", b"req"))
+        cert = {{"cluster_id": "c", "seq": 1, "root": b"r" * 32, "size": 1, "index": 0, "path": [], "signatures": []}}
+        s.put_results([StoredResult("r", b"d" * 32, "Valid", b"x", cert, 3, 4, 1, 0, "node-1")])
+        s.apply_records([("k", b"v")])
+        os._exit(9)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 9
+    store = Store(db)
+    assert store.get_result("r") is not None
+    assert [p.request_id for p in store.list_pending()] == ["p"]
+    assert dict(store.load_records()) == {"k": b"v"}
+
+
+def test_cache_expires_and_evicts() -> None:
+    now = [100.0]
+    cache = ResultCache(ttl_s=10, max_entries=2, clock=lambda: now[0])
+    cache.put(b"a", 1)
+    cache.put(b"b", 2)
+    assert cache.get(b"a") == 1
+    cache.put(b"c", 3)  # evicts the least recently used: b
+    assert cache.get(b"b") is None and cache.stats.evictions == 1
+    now[0] += 11
+    assert cache.get(b"a") is None
+    assert cache.stats.hits == 1 and cache.stats.misses == 2

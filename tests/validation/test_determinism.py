@@ -1,0 +1,81 @@
+"""Replicas must agree byte for byte: same batches -> same outcomes and snapshots,
+whatever the precheck runner (sequential or a thread pool)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import msgpack
+
+from consensus.prover import make_certificate_request, make_proof_set
+from consensus.validation import ValidationApp, decode_outcome, parse_request
+
+from .conftest import NOW
+
+
+def _batches(cluster, mldsa, falcon):
+    p, s = cluster.params, cluster.storage
+    enc = lambda kind, payload: parse_request(kind, payload).encode()  # noqa: E731
+    batch1 = [
+        enc("proofs", make_proof_set("d-1", p, mldsa, NOW + 1, storage=s)),
+        enc("proofs", make_proof_set("d-2", p, falcon, NOW + 2, storage=s, fault=("space", "path"))),
+        b"\x81\xa1x\x01",  # a faulty leader's garbage
+        enc("certificate", make_certificate_request("d-3", p, falcon, NOW + 3, storage=s, common_name="x.example.org")),
+    ]
+    batch2 = [
+        enc("proofs", make_proof_set("d-4", p, mldsa, NOW + 1, storage=s)),  # replay of an older time
+        enc("proofs", make_proof_set("d-5", p, mldsa, NOW + 9, storage=s)),
+        b"\xc1",
+    ]
+    return batch1, batch2
+
+
+def _run(app, batches):
+    outs = [app.execute_batch(seq, batch, NOW + seq) for seq, batch in enumerate(batches, 1)]
+    return outs, app.snapshot()
+
+
+def test_two_fresh_apps_agree_byte_for_byte(cluster, mldsa, falcon):
+    batches = _batches(cluster, mldsa, falcon)
+    a = _run(ValidationApp(cluster.params, cluster.kem_private), batches)
+    b = _run(ValidationApp(cluster.params, cluster.kem_private), batches)
+    assert a == b
+    statuses = [[decode_outcome(o).status for o in batch] for batch in a[0]]
+    assert statuses == [["Valid", "Invalid", "Invalid", "Valid"], ["Invalid", "Valid", "Invalid"]]
+
+
+def test_thread_pool_runner_gives_the_same_bytes(cluster, mldsa, falcon):
+    batches = _batches(cluster, mldsa, falcon)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        runner = lambda parts: list(pool.map(lambda part: part(), parts))  # noqa: E731
+        threaded = _run(ValidationApp(cluster.params, cluster.kem_private, precheck_runner=runner), batches)
+    assert threaded == _run(ValidationApp(cluster.params, cluster.kem_private), batches)
+
+
+def test_restored_app_continues_identically(cluster, mldsa, falcon):
+    batch1, batch2 = _batches(cluster, mldsa, falcon)
+    a = ValidationApp(cluster.params, cluster.kem_private)
+    a.execute_batch(1, batch1, NOW + 1)
+    b = ValidationApp(cluster.params, cluster.kem_private)
+    b.restore(a.snapshot())
+    assert a.execute_batch(2, batch2, NOW + 2) == b.execute_batch(2, batch2, NOW + 2)
+    assert a.snapshot() == b.snapshot()
+
+
+def test_malformed_request_outcome(cluster):
+    app = ValidationApp(cluster.params, cluster.kem_private)
+    bad = msgpack.packb({"v": 1, "kind": "proofs", "payload": {"request_id": "x"}})
+    outs = [decode_outcome(o) for o in app.execute_batch(1, [b"\xc1", bad], NOW)]
+    assert [o.reasons[0].code for o in outs] == ["request.malformed", "request.malformed"]
+    assert outs[0].reasons[0].message == "not a valid bounded msgpack request"
+    assert outs[1].reasons[0].message == "proofs: missing field"
+    assert outs[0].request_id == "" and outs[0].kind == "unknown" and outs[0].status == "Invalid"
+
+
+def test_outcome_wire_form(cluster, mldsa):
+    app = ValidationApp(cluster.params, cluster.kem_private)
+    req = parse_request("proofs", make_proof_set("wire-1", cluster.params, mldsa, NOW, storage=cluster.storage))
+    out = decode_outcome(app.execute_batch(1, [req.encode()], NOW)[0])
+    wire = out.to_wire()
+    assert wire["status"] == "Valid" and wire["request_digest"] == req.digest and wire["reasons"] == []
+    assert set(wire) == {"request_id", "kind", "status", "reasons", "agreed_time_ms", "request_digest"}

@@ -1,0 +1,566 @@
+"""StoqServer: the STOQ API endpoint (ALPN stoq/1) and inbound peer links (stoq-peer/1).
+
+One UDP socket serves both. Client API: one request per bidirectional stream, answered
+with one response and FIN. Peer links: length-prefixed frames handed to a hook, with the
+sender named by its verified certificate, never by anything it claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from aioquic.tls import SessionTicket
+
+from .envelope import (
+    DEFAULT_MAX_ENVELOPE_BYTES,
+    ApiError,
+    ErrorCode,
+    Response,
+    decode_request,
+    encode_response,
+    peek_request_id,
+)
+from .framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameTooLarge
+from .quic import (
+    ALPN_API,
+    ALPN_PEER,
+    CLOSE_FRAME_TOO_LARGE,
+    CLOSE_SHUTTING_DOWN,
+    CLOSE_UNAUTHORIZED,
+    STREAM_TOO_LARGE,
+    CoalescingProtocol,
+    StoqQuicConnection,
+    connection_refused_packet,
+    drain,
+    peer_certificates,
+)
+from .tls import CertificateError, TlsConfig, verify_client_chain
+
+log = logging.getLogger("transport.server")
+
+PeerFrameHandler = Callable[[str, bytes], None]
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a handler knows about the call. ``response_metadata`` is sent back."""
+
+    request_id: str
+    service: str
+    path: str
+    metadata: dict[str, str]
+    remote_address: tuple[Any, ...]
+    alpn: str
+    peer_identity: str | None
+    response_metadata: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Any, CallContext], Awaitable[Any]]
+
+
+class HandlerRegistry:
+    """Handlers by path (e.g. ``consensus/health``)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, path: str, handler: Handler) -> None:
+        if path in self._handlers:
+            raise ValueError(f"a handler for {path!r} is already registered")
+        self._handlers[path] = handler
+
+    def get(self, path: str) -> Handler | None:
+        return self._handlers.get(path)
+
+    def paths(self) -> list[str]:
+        return sorted(self._handlers)
+
+
+@dataclass(slots=True)
+class Limits:
+    max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
+    max_streams_per_connection: int = 128
+    request_timeout_s: float = 30.0
+    max_connections: int = 1024
+    idle_timeout_s: float = 60.0
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    # 1200 is the QUIC minimum; on loopback 9000 cuts per-packet cost a lot (FACTS.md).
+    max_datagram_size: int = 1200
+
+
+@dataclass(slots=True)
+class _Ticket:
+    ticket: SessionTicket
+    alpn: str | None
+    identity: str | None
+
+
+class SessionTicketStore:
+    """Session tickets the server issued, bound to the ALPN and verified identity of the
+    connection that got them (a resumed handshake carries no certificate).
+
+    Tickets are single-use. Share one store across a restart to keep resumption."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._entries: OrderedDict[bytes, _Ticket] = OrderedDict()
+        self._max = max_entries
+
+    def add(self, ticket: SessionTicket, alpn: str | None, identity: str | None) -> None:
+        self._entries[ticket.ticket] = _Ticket(ticket, alpn, identity)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def take(self, ticket_id: bytes) -> _Ticket | None:
+        return self._entries.pop(ticket_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(slots=True)
+class ServerStats:
+    connections_accepted: int = 0
+    connections_refused: int = 0
+    connections_rejected_auth: int = 0
+    sessions_resumed: int = 0
+    requests: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    peer_frames: int = 0
+
+
+class _StreamState:
+    __slots__ = ("buffer", "done")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.done = False
+
+
+class _ServerProtocol(CoalescingProtocol):
+    def __init__(self, quic: StoqQuicConnection, server: StoqServer, addr: tuple[Any, ...]) -> None:
+        super().__init__(quic)
+        self._server = server
+        self._addr = addr
+        self._authorized = False
+        self._closed_flag = False
+        self._identity: str | None = None
+        self._resumed: _Ticket | None = None
+        self._issued: list[SessionTicket] = []
+        self._held: list[events.QuicEvent] = []
+        self._streams: dict[int, _StreamState] = {}
+        self._decoders: dict[int, FrameDecoder] = {}
+
+    # session tickets (called synchronously by aioquic's TLS engine)
+    def fetch_ticket(self, ticket_id: bytes) -> SessionTicket | None:
+        entry = self._server.tickets.take(ticket_id)
+        if entry is None or entry.alpn != self._quic.tls.alpn_negotiated:
+            return None
+        if entry.identity is None and self._server._cert_required(entry.alpn):
+            return None  # force a full handshake, which asks for a certificate
+        self._resumed = entry
+        # RFC 8446 4.3.2: no CertificateRequest in a PSK handshake (aioquic would
+        # otherwise wait for a certificate the client never sends).
+        self._quic.tls._request_client_certificate = False
+        return entry.ticket
+
+    def ticket_issued(self, ticket: SessionTicket) -> None:
+        # Stored only once the connection is authorized, bound to its identity.
+        self._issued.append(ticket)
+
+    @property
+    def alpn(self) -> str:
+        return self._quic.tls.alpn_negotiated or ""
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.HandshakeCompleted):
+            self._authorize()
+            return
+        if isinstance(event, events.ConnectionTerminated):
+            self._closed_flag = True
+            self._streams.clear()
+            self._decoders.clear()
+            return
+        if not self._authorized:
+            # Early (0-RTT) data waits for the handshake: a replayed flight never
+            # completes one, so nothing it carries is executed.
+            if isinstance(event, (events.StreamDataReceived, events.StreamReset)):
+                self._held.append(event)
+            return
+        self._dispatch(event)
+
+    def _dispatch(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            if self.alpn == ALPN_PEER:
+                self._peer_data(event)
+            else:
+                self._api_data(event)
+        elif isinstance(event, events.StreamReset):
+            self._streams.pop(event.stream_id, None)
+            self._decoders.pop(event.stream_id, None)
+
+    def _reject(self, reason: str) -> None:
+        self._server.stats.connections_rejected_auth += 1
+        log.warning("rejecting connection from %s: %s", self._addr, reason)
+        self._held.clear()
+        self.close(error_code=CLOSE_UNAUTHORIZED, reason_phrase=reason[:200])
+
+    def _authorize(self) -> None:
+        server = self._server
+        alpn = self._quic.tls.alpn_negotiated
+        if self._resumed is not None and self._quic.tls.session_resumed:
+            identity = self._resumed.identity
+            server.stats.sessions_resumed += 1
+        else:
+            identity = None
+            presented = peer_certificates(self._quic)
+            if presented is not None:
+                if server.tls.ca_pem is None:
+                    return self._reject("client certificate presented but no cluster CA is configured")
+                try:
+                    identity = verify_client_chain(presented[0], presented[1], server.tls.ca_pem)
+                except CertificateError as exc:
+                    return self._reject(str(exc))
+        if identity is None and server._cert_required(alpn):
+            return self._reject("a client certificate signed by the cluster CA is required")
+        if alpn == ALPN_PEER and server.peer_frame_handler is None:
+            return self._reject("this server does not accept peer connections")
+        self._identity = identity
+        self._authorized = True
+        for ticket in self._issued:
+            server.tickets.add(ticket, alpn, identity)
+        self._issued.clear()
+        held, self._held = self._held, []
+        for event in held:
+            self._dispatch(event)
+
+    # peer links
+    def _peer_data(self, event: events.StreamDataReceived) -> None:
+        decoder = self._decoders.get(event.stream_id)
+        if decoder is None:
+            decoder = self._decoders[event.stream_id] = FrameDecoder(self._server.limits.max_frame_bytes)
+        try:
+            frames = decoder.feed(event.data)
+        except FrameTooLarge as exc:
+            log.warning("peer %s sent an oversized frame: %s", self._identity, exc)
+            self.close(error_code=CLOSE_FRAME_TOO_LARGE, reason_phrase=str(exc))
+            return
+        handler = self._server.peer_frame_handler
+        assert handler is not None and self._identity is not None
+        for frame in frames:
+            self._server.stats.peer_frames += 1
+            try:
+                handler(self._identity, frame)
+            except Exception:  # noqa: BLE001 - a consumer bug must not kill the link
+                log.exception("peer frame handler failed")
+
+    # client API
+    def _api_data(self, event: events.StreamDataReceived) -> None:
+        state = self._streams.get(event.stream_id)
+        if state is None:
+            state = self._streams[event.stream_id] = _StreamState()
+        if state.done:
+            return
+        state.buffer += event.data
+        limit = self._server.limits.max_envelope_bytes
+        if len(state.buffer) > limit:
+            state.done = True
+            state.buffer = bytearray()
+            self._server._count(ErrorCode.InvalidRequest)
+            error = ApiError(ErrorCode.InvalidRequest, f"envelope: request exceeds the limit of {limit} bytes")
+            # Answer, and tell the client to stop sending the rest.
+            self._send_response(event.stream_id, Response.failure("", error))
+            try:
+                self._quic.stop_stream(event.stream_id, STREAM_TOO_LARGE)
+            except ValueError:
+                pass
+            return
+        if event.end_stream:
+            state.done = True
+            data = bytes(state.buffer)
+            state.buffer = bytearray()
+            self._server._spawn(self._handle(event.stream_id, data))
+
+    async def _handle(self, stream_id: int, data: bytes) -> None:
+        response = await self._server._answer(data, self)
+        self._send_response(stream_id, response)
+
+    def _send_response(self, stream_id: int, response: Response) -> None:
+        self._streams.pop(stream_id, None)
+        if self._closed_flag:
+            return
+        limit = self._server.limits.max_envelope_bytes
+        try:
+            data = encode_response(response, max_bytes=limit)
+        except ApiError as exc:
+            self._server._count(exc.code)
+            data = encode_response(Response.failure(response.request_id, exc), max_bytes=limit)
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream=True)
+        except (ValueError, AssertionError):
+            return  # the client reset the stream meanwhile
+        self.flush_soon()
+
+
+class _Endpoint:
+    """The UDP socket: routes datagrams to connections by connection id."""
+
+    def __init__(self, server: StoqServer) -> None:
+        self._server = server
+        self._protocols: dict[bytes, _ServerProtocol] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.accepting = True
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def error_received(self, exc: Exception) -> None:
+        pass
+
+    def live(self) -> set[_ServerProtocol]:
+        return set(self._protocols.values())
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self._route(data, addr)
+        for more, more_addr in drain(self.transport):
+            self._route(more, more_addr)
+
+    def _route(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        server = self._server
+        buf = Buffer(data=data)
+        try:
+            header = pull_quic_header(buf, host_cid_length=8)
+        except ValueError:
+            return
+        assert self.transport is not None
+        supported = server._base_config.supported_versions
+        if (
+            header.packet_type != QuicPacketType.VERSION_NEGOTIATION
+            and header.version is not None
+            and header.version not in supported
+        ):
+            self.transport.sendto(
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid, destination_cid=header.source_cid,
+                    supported_versions=supported,
+                ),
+                addr,
+            )
+            return
+        protocol = self._protocols.get(header.destination_cid)
+        if protocol is None:
+            if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
+                return
+            if not self.accepting or len(self.live()) >= server.limits.max_connections:
+                server.stats.connections_refused += 1
+                self.transport.sendto(
+                    connection_refused_packet(header.version, header.destination_cid, header.source_cid), addr
+                )
+                return
+            protocol = self._accept(header.destination_cid, addr)
+            if protocol is None:
+                return
+        protocol.datagram_received(data, addr)
+
+    def _accept(self, original_cid: bytes, addr: tuple[Any, ...]) -> _ServerProtocol | None:
+        server = self._server
+        try:
+            configuration = server._configuration()
+        except (OSError, ValueError) as exc:
+            log.error("cannot load TLS certificate/key: %s", exc)
+            return None
+        holder: list[_ServerProtocol] = []
+        quic = StoqQuicConnection(
+            configuration=configuration,
+            original_destination_connection_id=original_cid,
+            session_ticket_fetcher=lambda tid: holder[0].fetch_ticket(tid),
+            session_ticket_handler=lambda ticket: holder[0].ticket_issued(ticket),
+            request_client_cert=server._wants_client_cert,
+            max_streams_bidi=server.limits.max_streams_per_connection,
+        )
+        protocol = _ServerProtocol(quic, server, addr)
+        holder.append(protocol)
+        protocol.connection_made(self.transport)  # type: ignore[arg-type]
+        protocol._connection_id_issued_handler = lambda cid: self._protocols.__setitem__(cid, protocol)
+        protocol._connection_id_retired_handler = lambda cid: self._protocols.pop(cid, None)
+        protocol._connection_terminated_handler = lambda: self._forget(protocol)
+        self._protocols[original_cid] = protocol
+        self._protocols[quic.host_cid] = protocol
+        server.stats.connections_accepted += 1
+        return protocol
+
+    def _forget(self, protocol: _ServerProtocol) -> None:
+        for cid, proto in list(self._protocols.items()):
+            if proto is protocol:
+                del self._protocols[cid]
+
+
+class StoqServer:
+    """QUIC server for the STOQ client API and (with ``peer_frame_handler``) peer links."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: HandlerRegistry,
+        tls: TlsConfig,
+        limits: Limits | None = None,
+        *,
+        peer_frame_handler: PeerFrameHandler | None = None,
+        ticket_store: SessionTicketStore | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self.tls = tls
+        self.limits = limits or Limits()
+        self.peer_frame_handler = peer_frame_handler
+        self.tickets = ticket_store if ticket_store is not None else SessionTicketStore()
+        self.stats = ServerStats()
+        self._endpoint: _Endpoint | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        alpns = [ALPN_API] + ([ALPN_PEER] if peer_frame_handler is not None else [])
+        self._base_config = QuicConfiguration(is_client=False, alpn_protocols=alpns)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) actually bound; use port 0 to get an ephemeral one."""
+        assert self._endpoint is not None and self._endpoint.transport is not None
+        sockname = self._endpoint.transport.get_extra_info("sockname")
+        return sockname[0], sockname[1]
+
+    def connection_count(self) -> int:
+        return len(self._endpoint.live()) if self._endpoint else 0
+
+    async def start(self) -> None:
+        self.tls.load()  # fail fast on unreadable files
+        loop = asyncio.get_running_loop()
+        endpoint = _Endpoint(self)
+        await loop.create_datagram_endpoint(lambda: endpoint, local_addr=(self.host, self.port))  # type: ignore[arg-type, return-value]
+        self._endpoint = endpoint
+        self.port = self.address[1]
+        log.info("STOQ server listening on [%s]:%d", self.host, self.port)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Refuse new connections, let in-flight requests finish (up to grace), close."""
+        endpoint = self._endpoint
+        if endpoint is None:
+            return
+        endpoint.accepting = False
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for protocol in endpoint.live():
+            protocol.close(error_code=CLOSE_SHUTTING_DOWN, reason_phrase="server shutting down")
+            if protocol._timer is not None:  # the socket is about to go away
+                protocol._timer.cancel()
+                protocol._timer = None
+        endpoint._protocols.clear()
+        if endpoint.transport is not None:
+            endpoint.transport.close()
+            # The socket is released on a later loop pass; a restart needs the port.
+            await asyncio.wait_for(asyncio.shield(endpoint.closed), 5.0)
+        self._endpoint = None
+
+    def reload_tls(self) -> None:
+        """Re-read the certificate and key now (they are also re-read on mtime change)."""
+        self.tls.reload()
+        self.tls.load()
+
+    # internals used by the protocol classes
+    def _cert_required(self, alpn: str | None) -> bool:
+        return alpn == ALPN_PEER or self.tls.client_auth == "required"
+
+    def _wants_client_cert(self, alpn: str | None) -> bool:
+        return alpn == ALPN_PEER or self.tls.client_auth != "none"
+
+    def _configuration(self) -> QuicConfiguration:
+        leaf, chain, key = self.tls.load()
+        limits = self.limits
+        return QuicConfiguration(
+            is_client=False,
+            alpn_protocols=self._base_config.alpn_protocols,
+            idle_timeout=limits.idle_timeout_s,
+            max_datagram_size=limits.max_datagram_size,
+            # A window a bit above the envelope limit lets us see (and refuse) excess.
+            max_stream_data=limits.max_envelope_bytes + 65536,
+            max_data=max(4 * limits.max_envelope_bytes, 8 << 20),
+            certificate=leaf,
+            certificate_chain=chain,
+            private_key=key,
+        )
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _count(self, code: ErrorCode) -> None:
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+
+    async def _answer(self, data: bytes, protocol: _ServerProtocol) -> Response:
+        self.stats.requests += 1
+        limits = self.limits
+        try:
+            request = decode_request(data, max_bytes=limits.max_envelope_bytes)
+        except ApiError as exc:
+            self._count(exc.code)
+            return Response.failure(peek_request_id(data), exc)
+        if self._endpoint is None or not self._endpoint.accepting:
+            # Retryable: the client reconnects (elsewhere or after the restart).
+            self._count(ErrorCode.TransportError)
+            return Response.failure(request.id, ApiError(ErrorCode.TransportError, "server is shutting down"))
+        ctx = CallContext(
+            request_id=request.id,
+            service=request.service,
+            path=request.path,
+            metadata=request.metadata,
+            remote_address=protocol._addr,
+            alpn=protocol.alpn,
+            peer_identity=protocol._identity,
+        )
+        handler = self.registry.get(request.path)
+        if handler is None:
+            self._count(ErrorCode.NotFound)
+            return Response.failure(request.id, ApiError(ErrorCode.NotFound, f"path: no handler for {request.path!r}"))
+        started = time.perf_counter()
+        try:
+            payload = await asyncio.wait_for(handler(request.payload, ctx), limits.request_timeout_s)
+        except ApiError as exc:
+            self._count(exc.code)
+            return Response.failure(request.id, exc, ctx.response_metadata)
+        except TimeoutError:
+            self._count(ErrorCode.Timeout)
+            return Response.failure(
+                request.id,
+                ApiError(ErrorCode.Timeout, f"request not answered within {limits.request_timeout_s:g} s"),
+                ctx.response_metadata,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - reported generically, logged in full
+            log.exception("handler for %s failed (request %s, %.1f ms)", request.path, request.id,
+                          (time.perf_counter() - started) * 1000)
+            self._count(ErrorCode.HandlerError)
+            return Response.failure(
+                request.id, ApiError(ErrorCode.HandlerError, "internal error while handling the request"),
+                ctx.response_metadata,
+            )
+        return Response.success(request.id, payload, ctx.response_metadata)
