@@ -324,15 +324,19 @@ class ComposeCluster:
 
     # -- protocol side ---------------------------------------------------------------------
 
-    def client(self, **kwargs: Any) -> Any:
-        """A ``ClusterClient`` that reaches every node at its container address (the host
-        routes to the bridge network) while checking each node's own TLS name."""
+    def client(self, only: Iterable[str] | None = None, **kwargs: Any) -> Any:
+        """A ``ClusterClient`` that reaches every node (or just the ``only`` ones) at its
+        container address (the host routes to the bridge network) while checking each
+        node's own TLS name."""
         from cluster.client import ClusterClient
         from cluster.manifest import load_manifest
 
         manifest = load_manifest(self.fetch_cluster_dir())
+        wanted = set(only) if only is not None else None
         entries = []
         for entry in manifest.nodes:
+            if wanted is not None and entry.node_id not in wanted:
+                continue
             v6, v4 = self.addresses(entry.node_id)
             entries.append(dataclasses.replace(entry, host=v6 or v4, port=STOQ_PORT))
         kwargs.setdefault("timeout_s", 10.0)

@@ -8,6 +8,9 @@ one final result, on every node, with a certificate that verifies.
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import pytest
 
 from cluster.chaos import wait_until
@@ -66,16 +69,38 @@ def test_partition_leader_then_heal(make_cluster, log_dir):
     def isolate_leader(ctx):
         cluster.partition(ctx["leader"])
         ctx["rules"] = cluster.chaos_rules(ctx["leader"])
+        # The main load may be over before the rules are in: do not hope it crossed the
+        # partition. Send requests through the majority alone while the partition holds;
+        # they can only become final once the majority has replaced the isolated leader.
+        majority = [n for n in cluster.node_ids if n != ctx["leader"]]
+        ctx["partition_ops"] = asyncio.run(load_through(cluster, majority, total=3))
 
     def heal(ctx):
         cluster.heal()
 
     ctx = run(scenario(cluster, log_dir, during=isolate_leader, after=heal, total=12))
     assert "DROP" in ctx["rules"], f"the partition installed no rules:\n{ctx['rules']}"
+    during_partition = ctx["partition_ops"]
+    assert during_partition and all(op.status in ("Valid", "Invalid") and op.certificate_ok for op in during_partition), (
+        "requests sent to the majority while the leader was cut off did not become final:\n"
+        + "\n".join(repr(op) for op in during_partition))
     assert_history(ctx)
     majority = [s for s in ctx["status_after"] if s.get("reachable") and s["node_id"] != ctx["leader"]]
-    assert all(s.get("view", 0) != 0 for s in majority) or any(s.get("leader") != ctx["leader"] for s in majority), (
+    assert all(s.get("view", 0) != 0 for s in majority) and all(s.get("leader") != ctx["leader"] for s in majority), (
         f"the isolated leader {ctx['leader']} was never replaced: {ctx['status_after']}")
+
+
+async def load_through(cluster, node_ids, total):
+    """A small load through the given nodes only; returns its recorded operations."""
+    from cluster.chaos import run_load_with, validation_params
+
+    client = cluster.client(only=node_ids)
+    try:
+        runner = await run_load_with(client, validation_params(cluster.cluster_dir), None,
+                                     total=total, concurrency=1, prefix=f"partition-{uuid.uuid4().hex[:6]}")
+        return runner.operations
+    finally:
+        await client.close()
 
 
 def test_random_packet_loss_on_one_node(make_cluster, log_dir):
