@@ -25,18 +25,22 @@ class DecodeError(ValueError):
         self.message = message
 
 
+# Exact types that encode as themselves; checked first because they are most values.
+_PLAIN = frozenset({bytes, str, int, bool, type(None)})
+
+
 def _canonical(value: Any, depth: int = 0) -> Any:
+    if type(value) in _PLAIN:
+        return value
     if depth > MAX_DEPTH:
         raise ValueError("value nested too deeply for canonical encoding")
     if isinstance(value, dict):
-        items = []
         for key in value:
             if not isinstance(key, str):
                 raise TypeError(f"canonical maps need str keys, got {type(key).__name__}")
-            items.append(key)
-        return {key: _canonical(value[key], depth + 1) for key in sorted(items)}
+        return {key: _canonical(value[key], depth + 1) for key in sorted(value)}
     if isinstance(value, (list, tuple)):
-        return [_canonical(item, depth + 1) for item in value]
+        return [item if type(item) in _PLAIN else _canonical(item, depth + 1) for item in value]
     if isinstance(value, float):
         raise TypeError("floats are not allowed in canonical (signed or hashed) data")
     if value is None or isinstance(value, (bool, int, str, bytes)):
@@ -84,13 +88,18 @@ def unpack_bounded(data: bytes, *, max_size: int, field: str = "message", max_de
 
 
 def check_depth(value: Any, max_depth: int, field: str = "message") -> None:
-    """Iterative, so a hostile 10,000-deep value cannot blow the Python stack."""
+    """Iterative, so a hostile 10,000-deep value cannot blow the Python stack. Only
+    containers are walked: a container at ``max_depth`` may hold nothing at all."""
+    if not isinstance(value, (dict, list)):
+        return
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if depth > max_depth:
-            raise DecodeError(field, f"nested deeper than {max_depth} levels")
-        if isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
+        children = item.values() if isinstance(item, dict) else item
+        if depth >= max_depth:
+            if children:
+                raise DecodeError(field, f"nested deeper than {max_depth} levels")
+            continue
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))

@@ -130,3 +130,52 @@ def test_backend_choice_never_triggers_the_liboqs_auto_install() -> None:
         assert (backend, imported) == ("pyca+pqclean", "False")
     else:
         assert backend == "liboqs"
+
+
+def _reference_depth_ok(value: object, max_depth: int) -> bool:
+    """The plain definition: no value of any kind sits deeper than ``max_depth``."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            return False
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return True
+
+
+def _random_value(rng: random.Random, depth: int) -> object:
+    kind = rng.randrange(6 if depth < 6 else 3)
+    if kind == 0:
+        return rng.randrange(100)
+    if kind == 1:
+        return rng.randbytes(rng.randrange(3))
+    if kind == 2:
+        return None
+    if kind in (3, 4):
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {f"k{i}": _random_value(rng, depth + 1) for i in range(rng.randrange(4))}
+
+
+def test_check_depth_agrees_with_the_plain_definition() -> None:
+    rng = random.Random(7)
+    refused = accepted = 0
+    for _ in range(3000):
+        value, max_depth = _random_value(rng, 0), rng.randrange(5)
+        try:
+            codec.check_depth(value, max_depth)
+            ok = True
+        except codec.DecodeError:
+            ok = False
+        assert ok == _reference_depth_ok(value, max_depth), (value, max_depth)
+        refused, accepted = refused + (not ok), accepted + ok
+    assert refused > 100 and accepted > 100  # both outcomes were exercised
+
+
+def test_canonical_fast_path_keeps_the_encoding() -> None:
+    value = {"b": [1, b"x", "s", None, True, (2, [3, {"z": 1, "a": -5}])], "a": {"y": [], "x": b""}}
+    expected = bytes.fromhex("82a16182a178c400a17990a1629601c40178a173c0c392029203"
+                             "82a161fba17a01")
+    assert codec.canonical_pack(value) == expected
