@@ -9,6 +9,8 @@ The protocol base class sends at most once per event-loop pass (FACTS.md: callin
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,31 @@ CLOSE_FRAME_TOO_LARGE = 0x102
 CLOSE_SHUTTING_DOWN = 0x103
 # Stream error code used with RESET_STREAM / STOP_SENDING for an oversized request.
 STREAM_TOO_LARGE = 0x201
+
+# UDP socket buffers. Linux defaults to ~208 KiB: one batch of pre-prepares (hundreds of
+# KB in 9000-byte datagrams) overflows it whenever the receiver is not scheduled for a
+# few ms, and every dropped datagram costs a retransmission plus a congestion-window cut.
+# The kernel caps the request at net.core.rmem_max / wmem_max (docs/OPERATIONS.md).
+UDP_BUFFER_BYTES = 8 << 20
+
+log = logging.getLogger("hypermesh.transport")
+
+
+def enlarge_socket_buffers(transport: asyncio.BaseTransport, size: int = UDP_BUFFER_BYTES) -> tuple[int, int]:
+    """Ask for ``size``-byte receive and send buffers; returns what the kernel granted
+    (Linux reports twice the usable size) so callers and tests can see the effect."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return (0, 0)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError as exc:  # a sandbox may refuse; the defaults still work, only slower
+            log.debug("cannot set UDP buffer option %d to %d: %s", option, size, exc)
+    granted = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+    if granted[0] < size:
+        log.debug("UDP receive buffer is %d bytes (asked %d): raise net.core.rmem_max for bursty peers", granted[0], size)
+    return granted
 
 
 class StoqQuicConnection(QuicConnection):

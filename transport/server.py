@@ -42,6 +42,7 @@ from .quic import (
     StoqQuicConnection,
     connection_refused_packet,
     drain,
+    enlarge_socket_buffers,
     peer_certificates,
 )
 from .tls import CertificateError, TlsConfig, verify_client_chain
@@ -323,6 +324,7 @@ class _Endpoint:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
+        enlarge_socket_buffers(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
