@@ -26,6 +26,10 @@ class Application(Protocol):
     def restore(self, snapshot: bytes) -> None:
         """Replace the state by a snapshot received through verified state transfer."""
 
+    # Optional: ``request_time_ms(request: bytes) -> int | None``, the timestamp a request
+    # carries (None: it has none). With it and ``ReplicaConfig.dedup_window_ms`` the
+    # replica expires stale requests and forgets old request ids (bounded de-dup table).
+
 
 @dataclass(frozen=True, slots=True)
 class Send:

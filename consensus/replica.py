@@ -82,6 +82,12 @@ class ReplicaConfig:
     request_timeout_ms: int = 1000
     max_request_bytes: int = 256 * 1024
     max_clock_skew_ms: int = 30000
+    # De-duplication window (0: remember every executed request id forever). Needs an
+    # application with ``request_time_ms``: a request whose own timestamp is more than
+    # half the window away from the agreed time is not executed ("expired"), so an id
+    # whose batch executed a whole window ago can be forgotten at the next checkpoint
+    # without any chance of executing the same request twice (docs/CONSENSUS.md).
+    dedup_window_ms: int = 0
 
     @property
     def log_size(self) -> int:
@@ -173,6 +179,7 @@ class Replica:
         self._last_progress_ms = now_ms  # when this replica last executed a batch
         self._last_time_ms = 0
         self._executed: dict[str, int] = {}
+        self._executed_time: dict[int, int] = {}  # seq -> agreed time, for seqs in _executed
         self._in_flight: dict[str, int] = {}
         self._pending: dict[str, _Pending] = {}
         self._next_seq = 1
@@ -757,17 +764,25 @@ class Replica:
             self._propose(self._now, partial=False)
 
     def _execute(self, seq: int, view: int, agreed: int, requests: Batch) -> None:
-        fresh: list[tuple[str, bytes]] = []
-        for rid, req in requests:
-            if rid not in self._executed:
-                fresh.append((rid, req))  # duplicates across batches are skipped everywhere alike
         effective = max(agreed, self._last_time_ms)
+        fresh: list[tuple[str, bytes]] = []
+        expired: list[str] = []
+        seen: set[str] = set()
+        for rid, req in requests:
+            if rid in self._executed or rid in seen:
+                continue  # duplicates (across or within batches) are skipped everywhere alike
+            seen.add(rid)
+            if self._expired(req, effective):
+                expired.append(rid)
+            else:
+                fresh.append((rid, req))
         results: list[bytes] = []
         if fresh:
             results = list(self.app.execute_batch(seq, [q for _, q in fresh], effective))
             if len(results) != len(fresh):
                 raise RuntimeError(f"application returned {len(results)} results for {len(fresh)} requests")
             self._last_time_ms = effective
+            self._executed_time[seq] = effective
         deletes: list[tuple[str, bytes | None]] = []
         for rid, _ in requests:
             self._in_flight.pop(rid, None)
@@ -778,8 +793,17 @@ class Replica:
             pending = self._pending.pop(rid, None)
             if pending is not None and pending.local:
                 deletes.append((f"pending/{rid}", None))
+        for rid in expired:
+            self._count("expired")
+            if rid in self._queue:
+                self._dequeue(rid)
+            pending = self._pending.pop(rid, None)
+            if pending is not None and pending.local:
+                deletes.append((f"pending/{rid}", None))
+                self._out.append(Rejected(rid, "InvalidRequest", (
+                    f"request expired: its timestamp is more than {self.config.dedup_window_ms // 2} ms "
+                    f"from the agreed time {effective}; send a new request with a fresh time proof")))
         self._last_executed = seq
-        self._last_progress_ms = self._now
         self._last_progress_ms = self._now
         if deletes:
             self._out.append(Persist(tuple(deletes)))
@@ -787,7 +811,33 @@ class Replica:
         if fresh:
             self._make_result_vote(seq, view, fresh, results)
         if seq % self.config.checkpoint_interval == 0:
+            self._forget_old_requests(effective)
             self._make_checkpoint(seq)
+
+    def _expires(self) -> bool:
+        return self.config.dedup_window_ms > 0 and hasattr(self.app, "request_time_ms")
+
+    def _expired(self, request: bytes, agreed_ms: int) -> bool:
+        if not self._expires():
+            return False
+        stamp = self.app.request_time_ms(request)  # type: ignore[attr-defined]
+        return stamp is not None and abs(stamp - agreed_ms) > self.config.dedup_window_ms // 2
+
+    def _forget_old_requests(self, agreed_ms: int) -> None:
+        """At a checkpoint (the same point on every replica): forget request ids whose
+        batch executed more than a window ago. Such a request carries a timestamp at most
+        half a window after that batch's time, so if it comes again it has expired."""
+        if not self._expires():
+            return
+        cutoff = agreed_ms - self.config.dedup_window_ms
+        old = {s for s, t in self._executed_time.items() if t < cutoff}
+        if not old:
+            return
+        before = len(self._executed)
+        self._executed = {rid: s for rid, s in self._executed.items() if s not in old}
+        for s in old:
+            del self._executed_time[s]
+        self._count("forgotten_request_ids", before - len(self._executed))
 
     # ------------------------------------------------------------------ results
 
@@ -1002,7 +1052,8 @@ class Replica:
     # ------------------------------------------------------------------ checkpoints
 
     def _bookkeeping(self) -> list[Any]:
-        return [self._last_executed, self._last_time_ms, [[rid, self._executed[rid]] for rid in sorted(self._executed)]]
+        return [self._last_executed, self._last_time_ms, [[rid, self._executed[rid]] for rid in sorted(self._executed)],
+                [[s, self._executed_time[s]] for s in sorted(self._executed_time)]]
 
     def _make_checkpoint(self, seq: int) -> None:
         blob = canonical_pack([self.app.snapshot(), self._bookkeeping()])
@@ -1165,12 +1216,15 @@ class Replica:
         if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], bytes)):
             raise DecodeError("snapshot", "expected [app_snapshot, bookkeeping]")
         book = value[1]
-        if not (isinstance(book, list) and len(book) == 3 and all(isinstance(x, int) for x in book[:2])
-                and isinstance(book[2], list)):
-            raise DecodeError("snapshot.bookkeeping", "expected [seq, time, executed]")
+        if not (isinstance(book, list) and len(book) == 4 and all(isinstance(x, int) for x in book[:2])
+                and isinstance(book[2], list) and isinstance(book[3], list)):
+            raise DecodeError("snapshot.bookkeeping", "expected [seq, time, executed, executed_times]")
         for item in book[2]:
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int)):
                 raise DecodeError("snapshot.bookkeeping.executed", "expected [request_id, seq] pairs")
+        for item in book[3]:
+            if not (isinstance(item, list) and len(item) == 2 and all(type(x) is int for x in item)):
+                raise DecodeError("snapshot.bookkeeping.executed_times", "expected [seq, agreed_time_ms] pairs")
         return value[0], book
 
     def _install_snapshot(self, seq: int, digest: bytes, proof: tuple[bytes, ...], blob: bytes,
@@ -1179,6 +1233,7 @@ class Replica:
         self._last_executed = seq
         self._last_time_ms = book[1]
         self._executed = {rid: s for rid, s in book[2]}
+        self._executed_time = {s: t for s, t in book[3]}
         self._last_progress_ms = self._now
         for rid in [r for r in self._pending if r in self._executed]:
             pending = self._pending.pop(rid)

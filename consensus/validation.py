@@ -45,6 +45,17 @@ VALID = "Valid"
 INVALID = "Invalid"
 MAX_OUTCOME_BYTES = 64 * 1024
 MAX_STATE_BYTES = 256 * 1024 * 1024
+TIME_HEAD_PRUNE_EVERY = 16  # sequence numbers between sweeps of stale time heads
+MIN_DEDUP_WINDOW_MS = 10 * 60 * 1000
+
+
+def dedup_window_ms(params: ValidationParams) -> int:
+    """How long the cluster remembers executed request ids (``ReplicaConfig.dedup_window_ms``).
+    Derived from the manifest so every validator uses the same value. Half of it bounds
+    how far a request's timestamp may be from the agreed time and still be executed (as
+    Valid, or Invalid with ``time.outside_offset``); farther requests are refused as
+    expired. At least 4x the allowed time offset, and at least 10 minutes."""
+    return max(MIN_DEDUP_WINDOW_MS, 4 * params.max_time_offset_ms)
 PrecheckPart = Callable[[], list[Reason]]
 PrecheckRunner = Callable[[list[PrecheckPart]], list[list[Reason]]]
 
@@ -113,6 +124,15 @@ class ValidationState:
 
     def __len__(self) -> int:
         return len(self._heads)
+
+    def forget_before(self, cutoff_ms: int) -> int:
+        """Drop heads older than ``cutoff_ms`` = agreed time - max offset: every time
+        proof that passes the offset check is newer than such a head anyway, so the
+        head no longer decides anything. Returns how many were dropped."""
+        old = [h for h, ms in self._heads.items() if ms < cutoff_ms]
+        for h in old:
+            del self._heads[h]
+        return len(old)
 
     def snapshot(self) -> bytes:
         """canonical_pack([1, [[holder, ms], ...]]) sorted by holder id."""
@@ -240,14 +260,30 @@ class ValidationApp:
         self.state = ValidationState()
         self._kem_private_key = kem_private_key
         self._run = precheck_runner or _sequential
+        # request_time_ms decodes requests just before execute_batch does: keep them.
+        self._decoded: dict[bytes, ValidationRequest | DecodeError] = {}
+
+    def _decode(self, data: bytes) -> ValidationRequest | DecodeError:
+        item = self._decoded.get(data)
+        if item is None:
+            try:
+                item = decode_request(data)
+            except DecodeError as exc:
+                item = exc
+        return item
+
+    def request_time_ms(self, data: bytes) -> int | None:
+        """The time proof's timestamp (None for undecodable bytes, which never expire)."""
+        if len(self._decoded) >= 4096:
+            self._decoded.clear()
+        item = self._decoded[data] = self._decode(data)
+        return None if isinstance(item, DecodeError) else item.proofs.time.timestamp_ms
 
     def execute_batch(self, seq: int, requests: list[bytes], agreed_time_ms: int) -> list[bytes]:
-        decoded: list[ValidationRequest | DecodeError] = []
-        for data in requests:
-            try:
-                decoded.append(decode_request(data))
-            except DecodeError as exc:
-                decoded.append(exc)
+        decoded = [self._decode(data) for data in requests]
+        self._decoded.clear()
+        if seq % TIME_HEAD_PRUNE_EVERY == 0:
+            self.state.forget_before(agreed_time_ms - self.params.max_time_offset_ms)
         # One flat list of parts for the whole batch: the runner can keep every core busy.
         parts: list[PrecheckPart] = []
         spans: list[tuple[int, int]] = []

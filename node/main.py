@@ -98,6 +98,7 @@ def _single_node_cluster(data_dir: Path, node_id: str, port: int) -> Path:
 async def serve(args: argparse.Namespace) -> int:
     from cluster.manifest import load_kem_private_key, load_manifest, load_node_key
     from consensus.replica import ReplicaConfig
+    from consensus.validation import dedup_window_ms
     from transport.peers import PeerAddress, PeerMesh
     from transport.server import HandlerRegistry, Limits, StoqServer
     from transport.tls import TlsConfig
@@ -155,6 +156,7 @@ async def serve(args: argparse.Namespace) -> int:
         batch_max_delay_ms=args.batch_delay_ms,
         checkpoint_interval=args.checkpoint_interval,
         view_change_timeout_ms=args.view_change_timeout_ms,
+        dedup_window_ms=dedup_window_ms(manifest.validation_params()),
     )
     driver = ReplicaDriver(
         replica_config=replica_config,

@@ -227,7 +227,8 @@ class ReplicaDriver:
         finals, self._out_finals = self._out_finals, []
         answers, self._out_answers = self._out_answers, []
         stored = [self._to_stored(final) for final in finals]
-        if pending or records or stored:
+        refused = [a.request_id for a in answers if isinstance(a, Rejected)]
+        if pending or records or stored or refused:
             with self.store.transaction():
                 for request in pending:
                     self.store.add_pending(request)
@@ -235,6 +236,8 @@ class ReplicaDriver:
                     self.store.apply_records(records)
                 if stored:
                     self.store.put_results(stored)
+                if refused:
+                    self.store.drop_pending(refused)
         for to, payload in sends:
             self._send(to, payload)
         for result, final in zip(stored, finals):

@@ -246,6 +246,11 @@ class Store:
                 (pending.request_id, pending.request_digest, pending.kind, pending.request, time.time()),
             )
 
+    def drop_pending(self, request_ids: list[str]) -> None:
+        """Requests the cluster refused (overloaded, expired): no longer Pending."""
+        with self.transaction():
+            self._db.executemany("DELETE FROM pending WHERE request_id = ?", [(r,) for r in request_ids])
+
     def get_pending(self, request_id: str) -> PendingRequest | None:
         row = self._db.execute(
             "SELECT request_id, request_digest, kind, request FROM pending WHERE request_id = ?", (request_id,)

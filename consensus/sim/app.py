@@ -20,9 +20,13 @@ from consensus.codec import canonical_pack, unpack_bounded
 GENESIS = hashlib.sha256(b"hypermesh-sim-genesis").digest()
 
 
-def encode_request(request_id: str, body: bytes) -> bytes:
-    """The bytes the client submits: the id travels inside, so the app can log it."""
-    return canonical_pack({"id": request_id, "body": body})
+def encode_request(request_id: str, body: bytes, stamp_ms: int | None = None) -> bytes:
+    """The bytes the client submits: the id travels inside, so the app can log it; with
+    ``stamp_ms`` the request also carries a timestamp (de-dup expiry scenarios)."""
+    value: dict[str, object] = {"id": request_id, "body": body}
+    if stamp_ms is not None:
+        value["t"] = stamp_ms
+    return canonical_pack(value)
 
 
 def request_id_of(request: bytes) -> str:
@@ -73,6 +77,14 @@ class HashChainApp:
             self.executed += 1
         self.log.append(Execution(seq, agreed_time_ms, tuple(requests), tuple(results), before, self.state))
         return results
+
+    def request_time_ms(self, request: bytes) -> int | None:
+        try:
+            value = unpack_bounded(request, max_size=1 << 20, field="request")
+        except ValueError:
+            return None
+        stamp = value.get("t") if isinstance(value, dict) else None
+        return stamp if type(stamp) is int else None
 
     def snapshot(self) -> bytes:
         return canonical_pack([self.state, self.executed])

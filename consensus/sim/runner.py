@@ -120,8 +120,11 @@ class SimResult:
 
 
 def replay_command(scenario: Scenario, seed: int, base: Scenario | None) -> str:
+    from consensus.sim.scenarios import SCENARIOS
+
     parts = ["hypermesh simulate", f"--scenario {scenario.name}", f"--seed {seed}"]
-    if base is not None and scenario.nodes != base.nodes:
+    named = SCENARIOS.get(scenario.name)
+    if named is not None and scenario.nodes != named.nodes:  # ``base`` may already be resized
         parts.append(f"--nodes {scenario.nodes}")
     if base is not None and scenario.byzantine != base.byzantine:
         parts.append("--byzantine " + " ".join(scenario.byzantine) if scenario.byzantine else "--byzantine none")
@@ -221,13 +224,16 @@ class Simulation:
     def _plan_workload(self) -> None:
         s, rng = self.scenario, self.rng
         names = sorted(self.instances)
+        stamped = dict(s.replica_config).get("dedup_window_ms", 0) > 0
         for i in range(s.requests):
             request_id = f"r{i}"
-            request = encode_request(request_id, rng.randbytes(12))
+            at = rng.randint(0, s.submit_window_ms)
+            request = encode_request(request_id, rng.randbytes(12), at if stamped else None)
             self.requests.append((request_id, request))
             self.history.submitted[request_id] = request
-            at = rng.randint(0, s.submit_window_ms)
             self._push(at, "submit", (request_id, rng.choice(names), False))
+            if s.late_resubmit_ms:
+                self._push(at + s.late_resubmit_ms, "submit", (request_id, rng.choice(names), True))
             if rng.random() < s.duplicate_submit_rate:
                 self._push(at + rng.randint(0, 100), "submit", (request_id, rng.choice(names), True))
             if s.client_retries:
@@ -307,6 +313,10 @@ class Simulation:
         for name, logs in self._app_logs.items():
             for log in logs:
                 self.history.executions[name].extend(log)
+        for inst in self.instances.values():  # bounded de-dup at work (summed over live incarnations)
+            counters = getattr(inst.replica, "counters", None) or {}
+            for name in ("expired", "forgotten_request_ids"):
+                self.stats[name] = self.stats.get(name, 0) + counters.get(name, 0)
 
     # ------------------------------------------------------------------ events
 

@@ -52,6 +52,7 @@ class Scenario:
     duplicate_submit_rate: float = 0.25  # client re-sends a request to another node
     retry_ms: int = 800  # client retries a request that is not final after this long
     client_retries: bool = True  # False: a request the replica accepted (persisted) must finish on its own
+    late_resubmit_ms: int = 0  # > 0: every request is sent again this long after its first submit
     tick_ms: int = 10
     replica_config: tuple[tuple[str, int], ...] = tuple(SIM_REPLICA_CONFIG.items())
     expect_safety: bool = True  # False for deliberate f+1 attacks: the checker must fire
@@ -91,6 +92,10 @@ SCENARIOS: dict[str, Scenario] = {
                  faults=LOSSY, crash_all=True, crashes=1),
         Scenario("skew", "clocks seconds apart (within max_clock_skew_ms)", faults=LOSSY, clock_skew_ms=5000),
         Scenario("twins", "one twin pair (two replicas, one key), each twin seen by some peers", faults=LOSSY, twins=1),
+        Scenario("dedup-expiry", "timestamped requests over 12 s, each re-sent 9 s later, with an 8 s de-dup "
+                 "window: old ids are forgotten at checkpoints, and a re-sent request runs once, never twice",
+                 faults=LOSSY, requests=30, submit_window_ms=12000, fault_ms=22000, late_resubmit_ms=9000,
+                 crashes=1, replica_config=tuple({**SIM_REPLICA_CONFIG, "dedup_window_ms": 8000}.items())),
         # Deliberate f+1 attacks. Safety is NOT expected: these prove the checker can fail.
         Scenario("twins-attack", "f+1 twin pairs with honest nodes split between the twins",
                  twins=2, split_honest=True, expect_safety=False),

@@ -99,6 +99,16 @@ def test_single_node_validates_every_kind_of_request(server) -> None:  # type: i
                 await client.call("consensus/validate_proofs", {"request_id": "x", "proofs": {"work": 7}})
             assert bad.value.code == ErrorCode.InvalidRequest and "proofs" in bad.value.message
 
+            # A time proof older than half the de-dup window (5 min here) is refused as
+            # expired, not executed, and not left Pending.
+            stale = factory.proofs(timestamp_ms=int(time.time() * 1000) - 6 * 60 * 1000)
+            with pytest.raises(ApiError) as expired:
+                await client.validate_proofs(stale)
+            assert expired.value.code == ErrorCode.InvalidRequest and "expired" in expired.value.message
+            with pytest.raises(ApiError) as gone:
+                await client.validation_status(stale["request_id"])
+            assert gone.value.code == ErrorCode.NotFound, gone.value
+
             with pytest.raises(ApiError) as unknown:
                 await client.call("consensus/nothing_here", {})
             assert unknown.value.code == ErrorCode.NotFound

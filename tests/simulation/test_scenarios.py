@@ -35,6 +35,8 @@ PLAN: list[tuple[str, int, int]] = [
     ("byzantine-leader", 7, 6),
     ("twins", 4, 25),
     ("twins", 7, 8),
+    ("dedup-expiry", 4, 15),
+    ("dedup-expiry", 7, 5),
 ]
 BYZANTINE_SEEDS = {4: 16, 7: 5}  # per mode
 
@@ -156,3 +158,30 @@ def test_crash_simulation_catches_a_replica_that_does_not_persist(monkeypatch: p
         if run_seed(scenario, seed).violations:
             return
     pytest.fail("5 power cuts of replicas that persist nothing went unnoticed")
+
+
+def test_bounded_dedup_forgets_ids_and_the_checker_catches_a_replica_that_forgets_unsafely(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dedup-expiry scenario really forgets ids and expires re-sent requests (so the
+    seeds above test something), and forgetting *without* the expiry rule executes
+    requests twice, which the checker must see."""
+    from consensus import replica as replica_module
+
+    scenario = scenario_for("dedup-expiry")
+    totals = {"expired": 0, "forgotten_request_ids": 0}
+    for seed in seeds(4, start=500):
+        result = run_seed(scenario, seed)
+        assert result.ok and result.all_final, _explain(result)
+        for key in totals:
+            totals[key] += result.stats[key]
+    assert totals["expired"] > 0 and totals["forgotten_request_ids"] > 0, totals
+
+    monkeypatch.setattr(replica_module.Replica, "_expired", lambda self, request, agreed_ms: False)
+    caught = [seed for seed in seeds(4, start=500) if not run_seed(scenario, seed).ok]
+    assert caught, "a replica that forgets ids without expiring requests executed nothing twice?"
+
+
+def test_replay_command_names_a_resized_cluster() -> None:
+    result = run_seed(scenario_for("calm", nodes=7), 1, base=SCENARIOS["calm"])
+    assert result.replay == "hypermesh simulate --scenario calm --seed 1 --nodes 7"
+    assert "--nodes" not in run_seed(scenario_for("calm"), 1, base=SCENARIOS["calm"]).replay

@@ -101,3 +101,33 @@ def test_restore_rejects_unsorted_holders():
     assert bad != good
     with pytest.raises(DecodeError):
         ValidationState.from_snapshot(bad)
+
+
+def test_stale_heads_are_forgotten_only_when_they_cannot_decide_anything(cluster, mldsa, falcon):
+    state = ValidationState()
+    assert _exec(cluster, _request(cluster, mldsa, "old-1", NOW), state).status == "Valid"
+    assert _exec(cluster, _request(cluster, falcon, "new-1", NOW + 20_000), state).status == "Valid"
+    later = NOW + 40_000  # mldsa's head is now older than agreed time - max offset (30 s)
+    assert state.forget_before(later - cluster.params.max_time_offset_ms) == 1
+    assert state.last_time(mldsa.holder_id) is None and state.last_time(falcon.holder_id) == NOW + 20_000
+    # Any proof that passes the offset check is newer than the forgotten head anyway.
+    assert _exec(cluster, _request(cluster, mldsa, "old-2", later - 30_000), state, agreed=later).status == "Valid"
+    # The kept head still decides.
+    again = _exec(cluster, _request(cluster, falcon, "new-2", NOW + 20_000), state, agreed=later)
+    assert [r.code for r in again.reasons] == ["time.not_after_previous"]
+
+
+def test_app_sweeps_stale_heads_on_a_fixed_schedule_and_reads_request_times(cluster, mldsa, falcon):
+    from consensus.validation import TIME_HEAD_PRUNE_EVERY
+
+    app = ValidationApp(cluster.params, cluster.kem_private)
+    first = _request(cluster, mldsa, "sweep-1", NOW).encode()
+    assert app.request_time_ms(first) == NOW and app.request_time_ms(b"\xc1") is None
+    assert decode_outcome(app.execute_batch(1, [first], NOW)[0]).status == "Valid"
+    later = NOW + 60_000
+    second = _request(cluster, falcon, "sweep-2", later).encode()
+    app.execute_batch(TIME_HEAD_PRUNE_EVERY + 1, [second], later)  # not a sweep point
+    assert len(app.state) == 2
+    third = _request(cluster, falcon, "sweep-3", later + 1).encode()
+    app.execute_batch(2 * TIME_HEAD_PRUNE_EVERY, [third], later + 1)
+    assert len(app.state) == 1 and app.state.last_time(falcon.holder_id) == later + 1
