@@ -29,6 +29,8 @@ class Application(Protocol):
     # Optional: ``request_time_ms(request: bytes) -> int | None``, the timestamp a request
     # carries (None: it has none). With it and ``ReplicaConfig.dedup_window_ms`` the
     # replica expires stale requests and forgets old request ids (bounded de-dup table).
+    # Optional: ``prefetch(requests: list[bytes]) -> None``, called when a batch is accepted
+    # for a future sequence number; it may start pure work early, never touch the state.
 
 
 @dataclass(frozen=True, slots=True)

@@ -595,6 +595,9 @@ class Replica:
             for rid, _ in requests:
                 self._in_flight[rid] = seq
                 self._dequeue(rid)
+            prefetch = getattr(self.app, "prefetch", None)
+            if prefetch is not None:  # optional: start pure, stateless work early (validation.py)
+                prefetch([q for _, q in requests])
         if slot.sent_prepare < view and self._vote(PREPARE, seq, view, digest):
             slot.sent_prepare = view
         self._check_prepared(slot)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,55 +254,113 @@ def _sequential(parts: list[PrecheckPart]) -> list[list[Reason]]:
     return [part() for part in parts]
 
 
-class ValidationApp:
-    """The replicated application: ``execute_batch`` / ``snapshot`` / ``restore``."""
+Decoded = ValidationRequest | DecodeError
+Checked = tuple[Decoded, list[list[Reason]]]  # the decoded request and its precheck part results
+BackgroundSubmit = Callable[[Callable[[], list[Checked]]], "Future[list[Checked]]"]
+PREFETCH_CHUNK = 8  # requests per background task: fewer thread hand-offs than one per request
+MAX_PREFETCHED = 1024  # bounded: batches that never execute (a view change) age out
 
-    def __init__(self, params: ValidationParams, kem_private_key: bytes, precheck_runner: PrecheckRunner | None = None) -> None:
+
+def _decode(data: bytes) -> Decoded:
+    try:
+        return decode_request(data)
+    except DecodeError as exc:
+        return exc
+
+
+def _check_chunk(requests: list[bytes], params: ValidationParams, kem_private_key: bytes) -> list[Checked]:
+    """Pure: decode and precheck, with no access to the replicated state."""
+    out: list[Checked] = []
+    for data in requests:
+        item = _decode(data)
+        parts = [] if isinstance(item, DecodeError) else precheck_parts(item, params, kem_private_key)
+        out.append((item, [part() for part in parts]))
+    return out
+
+
+class ValidationApp:
+    """The replicated application: ``execute_batch`` / ``snapshot`` / ``restore``.
+
+    With ``background`` (a thread pool's ``submit``), ``prefetch`` starts the pure
+    prechecks of a batch as soon as the replica accepts it, so that execution (in order,
+    on the node's event loop) mostly finds them done and the loop keeps reading the
+    network meanwhile instead of stalling while a large batch is verified.
+    """
+
+    def __init__(self, params: ValidationParams, kem_private_key: bytes, precheck_runner: PrecheckRunner | None = None,
+                 background: BackgroundSubmit | None = None) -> None:
         self.params = params
         self.state = ValidationState()
         self._kem_private_key = kem_private_key
         self._run = precheck_runner or _sequential
+        self._background = background
+        self._prefetched: dict[bytes, tuple[Future[list[Checked]], int]] = {}  # insertion order = age
         # request_time_ms decodes requests just before execute_batch does: keep them.
-        self._decoded: dict[bytes, ValidationRequest | DecodeError] = {}
+        self._decoded: dict[bytes, Decoded] = {}
 
-    def _decode(self, data: bytes) -> ValidationRequest | DecodeError:
+    def prefetch(self, requests: list[bytes]) -> None:
+        if self._background is None:
+            return
+        todo = [data for data in dict.fromkeys(requests) if data not in self._prefetched]
+        for i in range(0, len(todo), PREFETCH_CHUNK):
+            chunk = todo[i:i + PREFETCH_CHUNK]
+            future = self._background(partial(_check_chunk, chunk, self.params, self._kem_private_key))
+            for j, data in enumerate(chunk):
+                self._prefetched[data] = (future, j)
+        while len(self._prefetched) > MAX_PREFETCHED:
+            del self._prefetched[next(iter(self._prefetched))]
+
+    def _prefetched_result(self, data: bytes, *, take: bool) -> Checked | None:
+        entry = self._prefetched.pop(data, None) if take else self._prefetched.get(data)
+        if entry is None:
+            return None
+        future, index = entry
+        return future.result()[index]
+
+    def _decode(self, data: bytes) -> Decoded:
         item = self._decoded.get(data)
-        if item is None:
-            try:
-                item = decode_request(data)
-            except DecodeError as exc:
-                item = exc
-        return item
+        return _decode(data) if item is None else item
 
     def request_time_ms(self, data: bytes) -> int | None:
         """The time proof's timestamp (None for undecodable bytes, which never expire)."""
-        if len(self._decoded) >= 4096:
-            self._decoded.clear()
-        item = self._decoded[data] = self._decode(data)
+        checked = self._prefetched_result(data, take=False)
+        if checked is not None:
+            item = checked[0]
+        else:
+            if len(self._decoded) >= 4096:
+                self._decoded.clear()
+            item = self._decoded[data] = self._decode(data)
         return None if isinstance(item, DecodeError) else item.proofs.time.timestamp_ms
 
     def execute_batch(self, seq: int, requests: list[bytes], agreed_time_ms: int) -> list[bytes]:
-        decoded = [self._decode(data) for data in requests]
-        self._decoded.clear()
         if seq % TIME_HEAD_PRUNE_EVERY == 0:
             self.state.forget_before(agreed_time_ms - self.params.max_time_offset_ms)
-        # One flat list of parts for the whole batch: the runner can keep every core busy.
+        checked = [self._prefetched_result(data, take=True) for data in requests]
+        # What was not prefetched: one flat list of parts, so the runner can use every core.
         parts: list[PrecheckPart] = []
-        spans: list[tuple[int, int]] = []
-        for item in decoded:
-            start = len(parts)
-            if not isinstance(item, DecodeError):
-                parts += precheck_parts(item, self.params, self._kem_private_key)
-            spans.append((start, len(parts)))
-        results = self._run(parts)
-        if len(results) != len(parts):
-            raise RuntimeError("precheck runner returned a different number of results")
+        pending: list[tuple[int, Decoded, int, int]] = []
+        for i, (data, done) in enumerate(zip(requests, checked)):
+            if done is None:
+                item = self._decode(data)
+                start = len(parts)
+                if not isinstance(item, DecodeError):
+                    parts += precheck_parts(item, self.params, self._kem_private_key)
+                pending.append((i, item, start, len(parts)))
+        self._decoded.clear()
+        if pending:
+            results = self._run(parts)
+            if len(results) != len(parts):
+                raise RuntimeError("precheck runner returned a different number of results")
+            for i, item, start, end in pending:
+                checked[i] = (item, results[start:end])
         out: list[bytes] = []
-        for data, item, (start, end) in zip(requests, decoded, spans):
+        for data, done in zip(requests, checked):
+            assert done is not None
+            item, part_results = done
             if isinstance(item, DecodeError):
                 out.append(malformed_outcome(data, item, agreed_time_ms).encode())
             else:
-                pre = combine_precheck(item, results[start:end])
+                pre = combine_precheck(item, part_results)
                 out.append(execute(item, pre, self.state, agreed_time_ms, self.params).encode())
         return out
 

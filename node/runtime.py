@@ -68,7 +68,8 @@ class ReplicaDriver:
         self.n = len(keyring.node_ids)
         self._pool_size = 2
         self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="precheck")
-        self.app = ValidationApp(params, kem_private_key, precheck_runner=self._run_prechecks)
+        self.app = ValidationApp(params, kem_private_key, precheck_runner=self._run_prechecks,
+                                 background=self._pool.submit)
         replica: Any = Replica(replica_config, key, keyring, self.app, durable=store.load_records(), now_ms=now_ms())
         if byzantine:
             from consensus.byzantine import ByzantineReplica

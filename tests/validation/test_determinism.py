@@ -6,6 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
+import pytest
 
 from consensus.prover import make_certificate_request, make_proof_set
 from consensus.validation import ValidationApp, decode_outcome, parse_request
@@ -50,6 +51,37 @@ def test_thread_pool_runner_gives_the_same_bytes(cluster, mldsa, falcon):
         runner = lambda parts: list(pool.map(lambda part: part(), parts))  # noqa: E731
         threaded = _run(ValidationApp(cluster.params, cluster.kem_private, precheck_runner=runner), batches)
     assert threaded == _run(ValidationApp(cluster.params, cluster.kem_private), batches)
+
+
+def test_prefetched_prechecks_give_the_same_bytes_and_are_used(cluster, mldsa, falcon):
+    batch1, batch2 = _batches(cluster, mldsa, falcon)
+    submitted = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        def background(task):  # counts the background tasks, runs them on the pool
+            submitted.append(task)
+            return pool.submit(task)
+
+        app = ValidationApp(cluster.params, cluster.kem_private,
+                            precheck_runner=lambda parts: (_ for _ in ()).throw(AssertionError("ran inline")),
+                            background=background)
+        app.prefetch(batch1 + batch1[:1])  # a repeated request is checked once
+        app.prefetch(batch2)
+        assert len(submitted) == 2  # 4 + 3 requests: one task each (chunks of 8)
+        assert app.request_time_ms(batch1[0]) == NOW + 1 and app.request_time_ms(b"\xc1") is None
+        prefetched = _run(app, [batch1, batch2])
+    assert prefetched == _run(ValidationApp(cluster.params, cluster.kem_private), [batch1, batch2])
+    # Not prefetched (e.g. batches fetched during catch-up): the inline runner still serves.
+    inline = ValidationApp(cluster.params, cluster.kem_private, background=lambda task: pytest.fail("no prefetch"))
+    assert _run(inline, [batch1, batch2]) == prefetched
+
+
+def test_prefetch_is_bounded(cluster, mldsa):
+    from consensus.validation import MAX_PREFETCHED
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        app = ValidationApp(cluster.params, cluster.kem_private, background=pool.submit)
+        app.prefetch([b"\x91" + i.to_bytes(4, "big") for i in range(MAX_PREFETCHED + 50)])
+        assert len(app._prefetched) == MAX_PREFETCHED
 
 
 def test_restored_app_continues_identically(cluster, mldsa, falcon):
