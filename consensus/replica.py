@@ -1023,9 +1023,9 @@ class Replica:
         br.final_count = agreeing
         sigs = tuple((n, br.votes[n][1]) for n in self.keyring.node_ids if n in br.votes and br.votes[n][0] == br.root)
         leader = self._leader_of(br.view)
+        tree = merkle.MerkleTree([merkle.leaf_hash(leaf) for leaf in br.leaves])  # every path in O(n log n)
         for i, rid in enumerate(br.request_ids):
-            cert = ResultCertificate(self._cid, br.seq, br.root, len(br.leaves), i,
-                                     tuple(merkle.inclusion_path(list(br.leaves), i)), sigs)
+            cert = ResultCertificate(self._cid, br.seq, br.root, len(br.leaves), i, tuple(tree.path(i)), sigs)
             self._out.append(Final(rid, br.request_digests[i], br.results[i], cert, agreeing, self.keyring.n,
                                    leader, br.view, late))
 
