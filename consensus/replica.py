@@ -138,6 +138,13 @@ def _key(kind: str, seq: int) -> str:
     return f"{kind}/{seq:016d}"
 
 
+OWN_PREPREPARE_TAG = "own-pre-prepare/v1"
+
+
+def _batch_key(seq: int, digest: bytes) -> str:
+    return f"batch/{seq:016d}/{digest.hex()}"
+
+
 def _header_wire(msg: Message) -> bytes:
     """The leader's signed header of a received pre-prepare (requests stripped)."""
     pp: PrePrepare = msg.payload  # type: ignore[assignment]
@@ -202,8 +209,13 @@ class Replica:
         self._last_progress_ms = now_ms
         self._next_fetch_ms = 0
         self._peer_cursor = 0
-        self._own_votes: dict[tuple[str, int], tuple[int, bytes, bytes]] = {}  # (kind, seq) -> (view, digest, wire)
+        # (kind, seq) -> (view, digest, wire); the wire of a recovered own pre-prepare whose
+        # batch record is gone is None (never re-sent, still never contradicted).
+        self._own_votes: dict[tuple[str, int], tuple[int, bytes, bytes | None]] = {}
         self._persisted: dict[str, set[int]] = {"vote": set(), "prepared": set(), "committed": set()}
+        # A batch's request bytes are persisted once per (seq, digest), in batch/<seq>/<digest>;
+        # the pre-prepare vote and the prepared/committed certificates refer to them.
+        self._persisted_batches: dict[int, set[bytes]] = {}
 
         self.counters: dict[str, int] = {}
         self.penalties: dict[str, int] = {n: 0 for n in keyring.node_ids}
@@ -541,7 +553,7 @@ class Replica:
             # ML-DSA cost grows with the bytes signed; batches can be ~1 MB).
             signature = self.key.sign(preprepare_header_bytes(self._cid, self._view, seq, agreed, pp.digest))
             wire = encode_signed(self._cid, self.node_id, pp, signature)
-            self._record_vote(PRE_PREPARE, seq, self._view, pp.digest, wire)
+            self._record_vote(PRE_PREPARE, seq, self._view, pp.digest, wire, (agreed, requests, signature))
             self._out.append(Send(wire))
             self._next_seq += 1
             self._accept_batch(seq, self._view, agreed, requests, pp.digest, signature)
@@ -556,10 +568,37 @@ class Replica:
             return False
         return True
 
-    def _record_vote(self, kind: str, seq: int, view: int, digest: bytes, wire: bytes) -> None:
+    def _record_vote(self, kind: str, seq: int, view: int, digest: bytes, wire: bytes,
+                     batch: tuple[int, Batch, bytes] | None = None) -> None:
+        """``batch`` = (agreed time, requests, header signature) for our own pre-prepare:
+        it is stored as a small record next to the batch's bytes and rebuilt on recovery
+        (the wire is a deterministic encoding of exactly those)."""
         self._own_votes[(kind, seq)] = (view, digest, wire)
         self._persisted["vote"].add(seq)
-        self._out.append(Persist(((f"vote/{kind}/{seq:016d}", wire),)))
+        if batch is None:
+            self._out.append(Persist(((f"vote/{kind}/{seq:016d}", wire),)))
+            return
+        agreed, requests, signature = batch
+        records = self._batch_records(seq, digest, agreed, requests)
+        records.append((f"vote/{kind}/{seq:016d}", canonical_pack([OWN_PREPREPARE_TAG, view, agreed, digest, signature])))
+        self._out.append(Persist(tuple(records)))
+
+    def _batch_records(self, seq: int, digest: bytes, agreed: int, requests: Batch) -> list[tuple[str, bytes | None]]:
+        """The batch's bytes, unless already persisted: put first in the same ``Persist``
+        as the record that refers to it, so no crash can keep the reference alone."""
+        known = self._persisted_batches.setdefault(seq, set())
+        if digest in known:
+            return []
+        known.add(digest)
+        return [(_batch_key(seq, digest), canonical_pack([agreed, [[r, q] for r, q in requests]]))]
+
+    def _certificate_record(self, kind: str, view: int, seq: int, agreed: int, requests: Batch, digest: bytes,
+                            wires: tuple[bytes, ...]) -> Persist:
+        """prepared/<seq> or committed/<seq> = [view, seq, agreed, batch digest, vote wires]."""
+        records = self._batch_records(seq, digest, agreed, requests)
+        records.append((_key(kind, seq), canonical_pack([view, seq, agreed, digest, list(wires)])))
+        self._persisted[kind].add(seq)
+        return Persist(tuple(records))
 
     def _vote(self, kind: str, seq: int, view: int, digest: bytes) -> bool:
         if not self._may_vote(kind, seq, view, digest):
@@ -725,8 +764,9 @@ class Replica:
         if slot.prepared_cert is None or slot.prepared_cert.view < slot.view:
             slot.prepared_cert = PreparedCert(slot.view, slot.seq, slot.agreed_time_ms, slot.requests,
                                               votes.wires(slot.digest, self.keyring))  # type: ignore[arg-type]
-            self._persisted["prepared"].add(slot.seq)
-            self._out.append(Persist(((_key("prepared", slot.seq), canonical_pack(slot.prepared_cert.body())),)))
+            cert = slot.prepared_cert
+            self._out.append(self._certificate_record("prepared", cert.view, cert.seq, cert.agreed_time_ms, cert.requests,
+                                                      slot.digest, cert.prepares))  # type: ignore[arg-type]
         if slot.sent_commit < slot.view and self._vote(COMMIT, slot.seq, slot.view, slot.digest):  # type: ignore[arg-type]
             slot.sent_commit = slot.view
         self._check_committed(slot)
@@ -747,8 +787,9 @@ class Replica:
     def _mark_committed(self, slot: Slot, cert: CommittedBatch) -> None:
         slot.commit_cert = cert
         if slot.seq > self._last_executed:
-            self._persisted["committed"].add(slot.seq)
-            self._out.append(Persist(((_key("committed", slot.seq), canonical_pack(cert.body())),)))
+            assert slot.digest is not None  # both callers set the slot to the certificate's batch
+            self._out.append(self._certificate_record("committed", cert.view, cert.seq, cert.agreed_time_ms,
+                                                      cert.requests, slot.digest, cert.commits))
 
     # ------------------------------------------------------------------ execution
 
@@ -980,7 +1021,7 @@ class Replica:
             slot.retry_at_ms = now + self._retry_delay() * (2 ** min(slot.retries, 6))
             for kind in (PRE_PREPARE, PREPARE, COMMIT):
                 own = self._own_votes.get((kind, seq))
-                if own is not None and own[0] == self._view:
+                if own is not None and own[0] == self._view and own[2] is not None:
                     self._out.append(Send(own[2]))
 
     def _retry_delay(self) -> int:
@@ -1116,6 +1157,8 @@ class Replica:
                             records.append((f"vote/{k}/{s:016d}", None))
                 else:
                     records.append((_key(kind, s), None))
+        for s in sorted(x for x in self._persisted_batches if x <= seq):
+            records += [(_batch_key(s, d), None) for d in sorted(self._persisted_batches.pop(s))]
         keep_results_from = seq - max(RESULT_RETENTION_BATCHES, RESULT_RETENTION_CHECKPOINTS * self.config.checkpoint_interval)
         # Results of batches this checkpoint covers that are not final yet: after a
         # restart from this checkpoint they could not be recomputed, and without our
@@ -1557,6 +1600,44 @@ class Replica:
         self._persisted_results.add(seq)
         self._out.append(Send(wire))
 
+    def _recover_batches(self, durable: Mapping[str, bytes]) -> dict[tuple[int, bytes], tuple[int, Batch]]:
+        """batch/<seq>/<digest> records: checked against their digest; those at or below
+        the stable checkpoint (left by a crash before truncation) are deleted."""
+        batches: dict[tuple[int, bytes], tuple[int, Batch]] = {}
+        stale: list[tuple[str, bytes | None]] = []
+        for k, value in durable.items():
+            if not k.startswith("batch/") or value is None:
+                continue
+            _, s, hexdigest = k.split("/")
+            seq, digest = int(s), bytes.fromhex(hexdigest)
+            if seq <= self._stable.seq:
+                stale.append((k, None))
+                continue
+            agreed, requests = unpack_bounded(value, max_size=MAX_MESSAGE_BYTES, field="durable.batch")
+            batch: Batch = tuple((r, q) for r, q in requests)
+            if batch_digest(agreed, batch) != digest:
+                self._count("durable_batch_corrupt")
+                stale.append((k, None))
+                continue
+            batches[(seq, digest)] = (agreed, batch)
+            self._persisted_batches.setdefault(seq, set()).add(digest)
+        if stale:
+            self._out.append(Persist(tuple(stale)))
+        return batches
+
+    def _recover_own_preprepare(self, seq: int, value: bytes, batches: Mapping[tuple[int, bytes], tuple[int, Batch]],
+                                ) -> tuple[int, bytes, bytes | None]:
+        """(view, digest, wire) of our own pre-prepare, the wire rebuilt byte for byte from
+        the header signature and the batch (None if the batch is gone: we still refuse to
+        propose anything else for that slot, we just cannot re-send it)."""
+        tag, view, agreed, digest, signature = unpack_bounded(value, max_size=MAX_MESSAGE_BYTES, field="durable.pre-prepare")
+        if tag != OWN_PREPREPARE_TAG:
+            raise DecodeError("durable.pre-prepare", f"unknown record format {tag!r}")
+        batch = batches.get((seq, digest))
+        if batch is None:
+            return view, digest, None
+        return view, digest, encode_signed(self._cid, self.node_id, PrePrepare(view, seq, agreed, batch[1], digest), signature)
+
     def _recover(self, durable: Mapping[str, bytes]) -> None:
         """Rebuild from Persist records: stable checkpoint, committed batches above it
         (re-executed), own votes (never contradicted), prepared certificates, the view."""
@@ -1579,6 +1660,7 @@ class Replica:
             app_snapshot, book = self._parse_blob(blob)
             self._install_snapshot(seq, digest, tuple(proof), blob, app_snapshot, book)
             self._out.clear()  # nothing new to persist: it came from disk
+        batches = self._recover_batches(durable)
         for k in sorted(durable):
             value = durable[k]
             if value is None:
@@ -1588,35 +1670,40 @@ class Replica:
                 seq = int(s)
                 if seq <= self._stable.seq:
                     continue
+                self._persisted["vote"].add(seq)
+                slot = self._slot(seq)
+                if kind == PRE_PREPARE:
+                    view, digest, wire = self._recover_own_preprepare(seq, value, batches)
+                    self._own_votes[(kind, seq)] = (view, digest, wire)  # type: ignore[assignment]
+                    if view == self._view:
+                        self._next_seq = max(self._next_seq, seq + 1)
+                    continue
                 m = decode(value)
                 p = m.payload
                 self._own_votes[(kind, seq)] = (p.view, p.digest, value)  # type: ignore[union-attr]
-                self._persisted["vote"].add(seq)
-                slot = self._slot(seq)
                 if kind == PREPARE:
                     slot.votes(slot.prepares, p.view).add(self.node_id, p.digest, value)  # type: ignore[union-attr]
                 elif kind == COMMIT:
                     slot.votes(slot.commits, p.view).add(self.node_id, p.digest, value)  # type: ignore[union-attr]
-                elif kind == PRE_PREPARE and p.view == self._view:  # type: ignore[union-attr]
-                    self._next_seq = max(self._next_seq, seq + 1)
-            elif k.startswith("prepared/"):
-                seq = int(k.split("/")[1])
+            elif k.startswith(("prepared/", "committed/")):
+                kind, s = k.split("/")
+                seq = int(s)
                 if seq <= self._stable.seq:
                     continue
-                body = unpack_bounded(value, max_size=MAX_MESSAGE_BYTES, field="durable.prepared")
-                cert = PreparedCert(body[0], body[1], body[2], tuple((r, q) for r, q in body[3]), tuple(body[4]))
-                self._slot(seq).prepared_cert = cert
-                self._persisted["prepared"].add(seq)
-            elif k.startswith("committed/"):
-                seq = int(k.split("/")[1])
-                if seq <= self._stable.seq:
+                view, cert_seq, agreed, digest, wires = unpack_bounded(value, max_size=MAX_MESSAGE_BYTES, field=f"durable.{kind}")
+                batch = batches.get((seq, digest))
+                if batch is None or cert_seq != seq or batch[0] != agreed:
+                    self._count("durable_batch_missing")  # cannot happen with ordered persists; be safe: forget it
+                    self._out.append(Persist(((k, None),)))
                     continue
-                body = unpack_bounded(value, max_size=MAX_MESSAGE_BYTES, field="durable.committed")
-                cert = CommittedBatch(body[0], body[1], body[2], tuple((r, q) for r, q in body[3]), tuple(body[4]))
+                self._persisted[kind].add(seq)
                 slot = self._slot(seq)
-                slot.view, slot.digest = cert.view, batch_digest(cert.agreed_time_ms, cert.requests)
-                slot.agreed_time_ms, slot.requests, slot.commit_cert = cert.agreed_time_ms, cert.requests, cert
-                self._persisted["committed"].add(seq)
+                if kind == "prepared":
+                    slot.prepared_cert = PreparedCert(view, seq, agreed, batch[1], tuple(wires))
+                else:
+                    cert = CommittedBatch(view, seq, agreed, batch[1], tuple(wires))
+                    slot.view, slot.digest = cert.view, digest
+                    slot.agreed_time_ms, slot.requests, slot.commit_cert = cert.agreed_time_ms, cert.requests, cert
             elif k.startswith("result/"):
                 self._recover_result(int(k.split("/")[1]), value)
             elif k.startswith("pending/"):
@@ -1636,7 +1723,7 @@ class Replica:
         self._execute_ready()
         # A leader that crashed mid-proposal re-sends the very same pre-prepares.
         for (kind, seq), (view, digest, wire) in sorted(self._own_votes.items(), key=lambda kv: kv[0][1]):
-            if kind == PRE_PREPARE and view == self._view and seq > self._last_executed:
+            if kind == PRE_PREPARE and view == self._view and seq > self._last_executed and wire is not None:
                 pp = decode(wire).payload
                 self._out.append(Send(wire))
                 self._accept_batch(seq, view, pp.agreed_time_ms, pp.requests, digest, decode(wire).signature)  # type: ignore[union-attr]
