@@ -97,6 +97,35 @@ def process_cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def udp_receive_drops() -> int:
+    """Datagrams the kernel dropped because a UDP socket's receive buffer was full (all
+    sockets: the benchmark owns this machine's [::1] traffic while it runs)."""
+    try:
+        for line in Path("/proc/net/snmp6").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "Udp6RcvbufErrors":
+                return int(value.strip())
+    except OSError:
+        pass
+    return 0
+
+
+async def consensus_summary(manifest: Manifest) -> str:
+    """What the replicas went through: views, view changes, request timers, catch-up."""
+    from collections import Counter
+
+    from cluster.client import ClusterClient
+
+    async with ClusterClient(manifest, timeout_s=10) as client:
+        statuses = await client.status()
+    views = sorted({s.get("view") for s in statuses if s.get("reachable")})
+    counters: Counter[str] = Counter()
+    for status in statuses:
+        counters.update((status.get("replica") or {}).get("counters") or {})
+    keys = ("view_changes_started", "request_timeouts", "fetch_batches", "out_of_window")
+    return f"views {views}, " + ", ".join(f"{k} {counters[k]}" for k in keys)
+
+
 def bench_in_process(manifest: Manifest, payloads: list[dict[str, Any]], batch: int) -> Result:
     from cluster.manifest import load_kem_private_key
     from consensus.requests import parse_request
@@ -231,6 +260,7 @@ def main() -> int:
     args = parser.parse_args()
 
     results: list[Result] = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hm-bench-") as tmp:
         print(f"single node on [::1]:{args.base_port}", flush=True)
         single = start_cluster(Path(tmp) / "single", 1, args.base_port, args.batch_size, args.signing_scheme)
@@ -257,13 +287,22 @@ def main() -> int:
                 manifest = load_manifest(cluster.directory)
                 payloads = precompute(manifest, args.requests * 2, args.scheme)
                 pids = [n.process.pid for n in cluster.nodes.values() if n.process]
-                results.append(asyncio.run(closed_loop(manifest, payloads[: args.requests], args.concurrency, pids,
-                                                       f"{args.nodes} nodes, closed loop ×{args.concurrency}")))
-                results.append(asyncio.run(open_loop(manifest, payloads[args.requests:], args.rate, pids,
-                                                     f"{args.nodes} nodes, open loop {args.rate:,.0f}/s")))
+                for phase in ("closed", "open"):
+                    drops = udp_receive_drops()
+                    if phase == "closed":
+                        result = asyncio.run(closed_loop(manifest, payloads[: args.requests], args.concurrency, pids,
+                                                         f"{args.nodes} nodes, closed loop ×{args.concurrency}"))
+                    else:
+                        result = asyncio.run(open_loop(manifest, payloads[args.requests:], args.rate, pids,
+                                                       f"{args.nodes} nodes, open loop {args.rate:,.0f}/s"))
+                    results.append(result)
+                    notes.append(f"{result.name}: {asyncio.run(consensus_summary(manifest))} (cumulative); "
+                                 f"UDP receive-buffer drops {(udp_receive_drops() - drops) / result.requests:.2f}/request")
             finally:
                 cluster.stop()
     report(results, validation_cpu_us, args.nodes)
+    for note in notes:
+        print(note)
     return 0
 
 
