@@ -84,6 +84,24 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interv
 # ---------------------------------------------------------------------------------------
 
 
+MAX_SLOT = 199
+
+
+def slot_environment(slot: int) -> dict[str, str]:
+    """Subnets and host ports of one compose project; distinct for every slot 0..199."""
+    if not 0 <= slot <= MAX_SLOT:
+        raise ValueError(f"slot must be in 0..{MAX_SLOT}, got {slot}")
+    env = {
+        "HYPERMESH_SUBNET6": f"fd42:4d48:{0x100 + slot:x}::/64",
+        "HYPERMESH_SUBNET4": f"172.30.{56 + slot}.0/24",  # third octet 56..255
+    }
+    base = 20000 + slot * 20
+    for i in range(1, 8):
+        env[f"HYPERMESH_PORT_{i}"] = str(base + i)
+        env[f"HYPERMESH_METRICS_PORT_{i}"] = str(base + 10 + i)
+    return env
+
+
 @dataclass
 class ComposeCluster:
     """One compose project: ``nodes`` validators, its own subnet, ports and volumes.
@@ -94,7 +112,7 @@ class ComposeCluster:
 
     nodes: int = 4
     project: str = field(default_factory=lambda: f"hmchaos{uuid.uuid4().hex[:8]}")
-    slot: int = 0
+    slot: int = 0  # 0..199
     node_args: str = ""
     byzantine: dict[str, str] = field(default_factory=dict)
     image: str = "hypermesh-consensus:latest"
@@ -103,6 +121,7 @@ class ComposeCluster:
     def __post_init__(self) -> None:
         if self.nodes not in COMPOSE_FILES:
             raise ValueError(f"nodes must be one of {sorted(COMPOSE_FILES)}")
+        slot_environment(self.slot)  # refuse a slot outside 0..199 before touching docker
         import docker  # the SDK is a test extra
 
         self.docker = docker.from_env(timeout=60)
@@ -114,16 +133,9 @@ class ComposeCluster:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "HYPERMESH_IMAGE": self.image,
-            "HYPERMESH_SUBNET6": f"fd42:4d48:{0x100 + self.slot:x}::/64",
-            "HYPERMESH_SUBNET4": f"172.30.{100 + self.slot}.0/24",
-            "HYPERMESH_NODE_ARGS": self.node_args,
-        })
-        base = 20000 + self.slot * 20
+        env.update(slot_environment(self.slot))
+        env.update({"HYPERMESH_IMAGE": self.image, "HYPERMESH_NODE_ARGS": self.node_args})
         for i in range(1, 8):
-            env[f"HYPERMESH_PORT_{i}"] = str(base + i)
-            env[f"HYPERMESH_METRICS_PORT_{i}"] = str(base + 10 + i)
             env[f"HYPERMESH_BYZANTINE_NODE_{i}"] = self.byzantine.get(f"node-{i}", "")
         return env
 
