@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import shutil
@@ -164,6 +165,9 @@ async def scenario(cluster: Any, log_dir: Path, *, during: Callable[[Any], Any] 
         report.write(log_dir / "history.json")
         ctx["report"] = report
         ctx["status_after"] = await client.status()
+        # Every node's replica state (view, last executed seq, counters) next to the
+        # history, so a failed run says where a lagging node is stuck.
+        (log_dir / "status.json").write_text(json.dumps(ctx["status_after"], indent=2, default=repr))
         if inspect is not None:
             await inspect(client, ctx)
         return ctx
