@@ -10,7 +10,8 @@ revision out into a temporary git worktree and runs the two variants alternately
 (A B A B ...), each time a fresh local cluster on [::1] with the same precomputed kind of
 load, and reports per-variant medians and the B/A ratios.
 
-Each run: ``--requests`` closed-loop requests at ``--concurrency`` in flight against a
+Each run: ``--requests`` closed-loop requests at ``--concurrency`` in flight (or an open
+loop at ``--rate``) against a
 fresh ``--nodes``-node cluster (the code under test is the variant's, for the nodes and
 for the client). Reported: throughput, p50/p99 latency, server CPU per request (from
 /proc), and UDP receive-buffer drops per request.
@@ -32,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVER = r"""
 import asyncio, json, sys, tempfile
 from pathlib import Path
-tree, nodes, requests, concurrency, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+tree, nodes, requests, concurrency, port, rate = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                                                  int(sys.argv[5]), float(sys.argv[6]))
 sys.path.insert(0, tree)
 import bench.load as bl
 from cluster.manifest import load_manifest
@@ -51,7 +53,10 @@ with tempfile.TemporaryDirectory(prefix="hm-ab-") as tmp:
         payloads = bl.precompute(manifest, requests, "ML-DSA-44")
         pids = [n.process.pid for n in cluster.nodes.values() if n.process]
         before = drops()
-        r = asyncio.run(bl.closed_loop(manifest, payloads, concurrency, pids, "ab"))
+        if rate > 0:
+            r = asyncio.run(bl.open_loop(manifest, payloads, rate, pids, "ab"))
+        else:
+            r = asyncio.run(bl.closed_loop(manifest, payloads, concurrency, pids, "ab"))
         print("RESULT " + json.dumps({"rate": r.rate, "p50": r.pct(0.5), "p99": r.pct(0.99),
                                       "cpu_us": r.cpu_us_per_request(), "errors": r.errors,
                                       "drops": (drops() - before) / r.requests}), flush=True)
@@ -72,7 +77,7 @@ def checkout(rev: str, into: Path) -> Path:
 def run_variant(tree: Path, args: argparse.Namespace) -> dict[str, float]:
     done = subprocess.run(
         [sys.executable, "-c", DRIVER, str(tree), str(args.nodes), str(args.requests), str(args.concurrency),
-         str(args.base_port)],
+         str(args.base_port), str(args.rate)],
         capture_output=True, text=True, timeout=900, cwd=tree,
     )
     for line in done.stdout.splitlines():
@@ -87,6 +92,8 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=4, help="cluster size (default 4)")
     parser.add_argument("--requests", type=int, default=800, help="requests per run (default 800)")
     parser.add_argument("--concurrency", type=int, default=64, help="closed-loop requests in flight (default 64)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop at this many requests/s instead of the closed loop (latency at a fixed load)")
     parser.add_argument("--rounds", type=int, default=2, help="A/B pairs to run (default 2)")
     parser.add_argument("--base-port", type=int, default=33292, help="first UDP port on [::1] (default 33292)")
     args = parser.parse_args()
@@ -106,7 +113,8 @@ def main() -> int:
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
 
-    print(f"\nA = {args.base}, B = working tree; {args.nodes} node(s), closed loop ×{args.concurrency}, "
+    load = f"open loop {args.rate:,.0f}/s" if args.rate > 0 else f"closed loop ×{args.concurrency}"
+    print(f"\nA = {args.base}, B = working tree; {args.nodes} node(s), {load}, "
           f"{args.requests} requests, {args.rounds} interleaved rounds (medians)\n")
     print("| metric | A | B | B / A |")
     print("|---|---|---|---|")
