@@ -190,6 +190,7 @@ async def serve(args: argparse.Namespace) -> int:
         args.bind, args.port, registry, tls,
         Limits(request_timeout_s=args.request_timeout + 5, max_datagram_size=args.max_datagram_size),
         peer_frame_handler=mesh.deliver,
+        peer_connected=mesh.peer_connected,
     )
     await server.start()
     mesh_holder["mesh"] = mesh

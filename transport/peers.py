@@ -58,6 +58,7 @@ class PeerStats:
 class MeshStats:
     peers: dict[str, PeerStats] = field(default_factory=dict)
     frames_from_unknown: int = 0
+    relinks: int = 0  # outbound links replaced because the peer dialled us again (restarted)
 
 
 class _PeerProtocol(CoalescingProtocol):
@@ -120,6 +121,7 @@ class _PeerLink:
         self.queue: deque[tuple[float, bytes]] = deque()
         self.protocol: _PeerProtocol | None = None
         self.task: asyncio.Task[None] | None = None
+        self.up_since = 0.0  # loop time the current connection came up
         self._waiter: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
@@ -158,6 +160,7 @@ class _PeerLink:
             else:
                 self.stats.state = "up"
                 self.stats.connects += 1
+                self.up_since = asyncio.get_running_loop().time()
                 backoff = mesh.backoff_s
                 log.info("%s: link to %s up", mesh.node_id, self.peer_id)
                 try:
@@ -276,6 +279,7 @@ class PeerMesh:
         connect_timeout_s: float = 5.0,
         backoff_s: float = 0.05,
         max_backoff_s: float = 2.0,
+        relink_after_s: float = 5.0,
     ) -> None:
         if tls.ca_pem is None:
             raise ValueError("PeerMesh needs the cluster CA (tls.ca_pem)")
@@ -292,6 +296,7 @@ class PeerMesh:
         self.connect_timeout_s = connect_timeout_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.relink_after_s = relink_after_s
         self._links = {pid: _PeerLink(self, pid, addr) for pid, addr in peers.items() if pid != node_id}
         self._stats = MeshStats(peers={pid: link.stats for pid, link in self._links.items()})
         self._stopping = False
@@ -329,6 +334,25 @@ class PeerMesh:
     def broadcast(self, data: bytes) -> None:
         for node_id in self._links:
             self.send(node_id, data)
+
+    def peer_connected(self, sender: str) -> None:
+        """StoqServer hook: ``sender`` (verified certificate CN) opened a new link to us.
+
+        A peer that dials us again has usually restarted; our own link to it may still
+        look up, but it talks to the old process: a container that was killed does not
+        answer with an ICMP error, and a restarted one drops the unknown connection's
+        packets, so that link stays silent until the QUIC idle timeout (30 s) — 30 s in
+        which nothing we send reaches the peer. Replace a link older than
+        ``relink_after_s``; a younger one was made for the same incarnation (both sides
+        dial each other at start-up), which also rules out a reconnect ping-pong."""
+        link = self._links.get(sender)
+        if link is None or link.protocol is None or link.stats.state != "up" or self._loop is None:
+            return
+        if self._loop.time() - link.up_since < self.relink_after_s:
+            return
+        log.info("%s: %s dialled us again (restarted?): replacing our link to it", self.node_id, sender)
+        self._stats.relinks += 1
+        link.protocol.shutdown()
 
     def deliver(self, sender: str, data: bytes) -> None:
         """Inbound frame from the StoqServer; ``sender`` is the verified certificate CN."""

@@ -237,6 +237,11 @@ class _ServerProtocol(CoalescingProtocol):
             return self._reject("this server does not accept peer connections")
         self._identity = identity
         self._authorized = True
+        if alpn == ALPN_PEER and server.peer_connected is not None and identity is not None:
+            try:
+                server.peer_connected(identity)
+            except Exception:  # noqa: BLE001 - a consumer bug must not refuse the link
+                log.exception("peer_connected hook failed")
         for ticket in self._issued:
             server.tickets.add(ticket, alpn, identity)
         self._issued.clear()
@@ -423,6 +428,7 @@ class StoqServer:
         limits: Limits | None = None,
         *,
         peer_frame_handler: PeerFrameHandler | None = None,
+        peer_connected: Callable[[str], None] | None = None,
         ticket_store: SessionTicketStore | None = None,
     ) -> None:
         self.host = host
@@ -431,6 +437,7 @@ class StoqServer:
         self.tls = tls
         self.limits = limits or Limits()
         self.peer_frame_handler = peer_frame_handler
+        self.peer_connected = peer_connected  # called with the peer's name when a peer link is accepted
         self.tickets = ticket_store if ticket_store is not None else SessionTicketStore()
         self.stats = ServerStats()
         self._endpoint: _Endpoint | None = None

@@ -29,7 +29,8 @@ class Node:
 
     async def start_server(self, limits: Limits | None = None) -> None:
         self.server = StoqServer(HOST, self.port, HandlerRegistry(), self.tls, limits,
-                                 peer_frame_handler=lambda sender, data: self._deliver(sender, data))
+                                 peer_frame_handler=lambda sender, data: self._deliver(sender, data),
+                                 peer_connected=lambda sender: self.mesh.peer_connected(sender) if self.mesh else None)
         await self.server.start()
         self.port = self.server.port
 
@@ -243,3 +244,36 @@ def test_oversized_frame_closes_the_link(pki: Pki) -> None:
             await receiver.stop()
 
     run(body())
+
+
+def test_a_peer_that_dials_again_gets_a_fresh_link_from_us(pki: Pki) -> None:
+    """A restarted peer dials us; our old link to it may talk to the dead process until
+    the idle timeout. We replace a link older than relink_after_s, not a young one."""
+    async def body() -> None:
+        nodes = await _cluster(pki, 2, relink_after_s=2.0)
+        a, b = nodes
+        try:
+            assert await _all_connected(nodes)
+            link_to_b = a.mesh._links["node-1"]  # type: ignore[union-attr]
+            assert await wait_until(lambda: asyncio.get_running_loop().time() - link_to_b.up_since > 2.1, 5.0)
+
+            def redial_from_b() -> None:  # what a restarted node-1 does: dial node-0 anew
+                b.mesh._links["node-0"].protocol.shutdown()  # type: ignore[union-attr]
+
+            redial_from_b()
+            assert await wait_until(lambda: a.mesh.stats().relinks == 1  # type: ignore[union-attr]
+                                    and a.mesh.stats().peers["node-1"].connects == 2, 10.0)  # type: ignore[union-attr]
+            assert await _all_connected(nodes)
+            # Our new link is young: B dialling again right away does not replace it again.
+            assert await wait_until(lambda: b.mesh.stats().peers["node-0"].connects == 2, 10.0)  # type: ignore[union-attr]
+            redial_from_b()
+            assert await wait_until(lambda: b.mesh.stats().peers["node-0"].connects == 3, 10.0)  # type: ignore[union-attr]
+            assert a.mesh.stats().relinks == 1  # type: ignore[union-attr]
+            a.mesh.send("node-1", b"still flows")  # type: ignore[union-attr]
+            b.mesh.send("node-0", b"both ways")  # type: ignore[union-attr]
+            assert await wait_until(lambda: b.got("node-0", b"still flows") and a.got("node-1", b"both ways"), 10.0)
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    run(body(), timeout_s=30)
