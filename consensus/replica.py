@@ -1039,6 +1039,14 @@ class Replica:
             br.retries += 1
             br.retry_at_ms = now + self._retry_delay() * (2 ** br.retries)
             self._out.append(Send(mine[2]))
+            if br.retries >= 2 and seq not in self._missing_results:
+                # Peers' votes were probably sent while we could not hear them (we were
+                # down, or just restarted and their links to us were stale); they do not
+                # re-send votes for batches final at their end. Ask for the certified
+                # results as well (merged into ours in _on_results).
+                self._missing_results[seq] = None
+                self._results_fetch_tries = 0
+                self._results_fetch_at = min(self._results_fetch_at, now)
 
     def _check_final(self, br: BatchResult) -> None:
         counts: dict[bytes, int] = {}
@@ -1348,7 +1356,8 @@ class Replica:
     def _on_results(self, msg: Message, sender: str) -> None:
         p: ResultsReply = msg.payload  # type: ignore[assignment]
         for b in p.batches:
-            if b.seq in self._results or b.seq > self._last_executed or not b.entries:
+            own = self._results.get(b.seq)
+            if (own is not None and own.final_count > 0) or b.seq > self._last_executed or not b.entries:
                 continue
             if any(self._executed.get(rid) != b.seq for rid, _, _ in b.entries):
                 self._count("invalid_results")
@@ -1362,6 +1371,17 @@ class Replica:
                     valid[node] = (root, sig, b"")
             if len(valid) < self.keyring.quorum:
                 self._count("invalid_results")
+                continue
+            if own is not None:
+                # We executed it too but never saw 2f+1 votes: the certified signatures
+                # count as votes for the same root (ours must be that root).
+                if own.root != root:
+                    self._count("local_result_diverged")
+                    continue
+                for node, vote in valid.items():
+                    own.votes.setdefault(node, vote)
+                own.certified_root = root
+                self._check_final(own)
                 continue
             br = BatchResult(b.seq, b.view, tuple(e[0] for e in b.entries), tuple(e[1] for e in b.entries),
                              tuple(e[2] for e in b.entries), tuple(leaves), root, votes=valid)

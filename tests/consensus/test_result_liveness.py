@@ -102,3 +102,21 @@ def test_a_single_vote_is_never_cosigned() -> None:
     for nid in ("node-1", "node-2"):
         assert c.nodes[nid].replica.counters.get("result_cosigned", 0) == 0
         assert not c.nodes[nid].of(Final)
+
+
+def test_a_node_that_never_hears_the_result_votes_fetches_the_certified_results() -> None:
+    """node-3 executes every batch but every result vote sent *to* it is lost (as after
+    a restart, while its peers' links to it were stale). The others become final and
+    stop re-sending; node-3 must still become final, from certified results it asks for,
+    with a certificate that verifies."""
+    c = Cluster()
+    c.drop = lambda src, dst, data: dst == "node-3" and _is_result_vote(data)
+    ids = _run_requests(c, 4)
+    c.run(200)
+    assert all(_final_anywhere(c, rid, ["node-0"]) for rid in ids)
+    assert not c.finals("node-3"), "the votes to node-3 were supposed to be lost"
+    c.run(20_000)  # result-vote retries back off, then node-3 fetches certified results
+    missing = [rid for rid in ids if not _final_anywhere(c, rid, ["node-3"])]
+    assert not missing, (missing, c.nodes["node-3"].replica.status())
+    executed = c.committed_ids("node-3")
+    assert all(rid in executed for rid in ids)  # it executed them itself, it did not skip them
