@@ -20,7 +20,7 @@ signed or sent is ordered by seq or by key-ring order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +187,11 @@ class Replica:
         self._last_time_ms = 0
         self._executed: dict[str, int] = {}
         self._executed_time: dict[int, int] = {}  # seq -> agreed time, for seqs in _executed
+        # Optional application hooks (consensus/actions.py), looked up once. Expiry needs
+        # both a window and the request's own time.
+        self._app_prefetch: Callable[[list[bytes]], None] | None = getattr(app, "prefetch", None)
+        self._request_time: Callable[[bytes], int | None] | None = (
+            getattr(app, "request_time_ms", None) if config.dedup_window_ms > 0 else None)
         self._in_flight: dict[str, int] = {}
         self._pending: dict[str, _Pending] = {}
         self._next_seq = 1
@@ -634,9 +639,7 @@ class Replica:
             for rid, _ in requests:
                 self._in_flight[rid] = seq
                 self._dequeue(rid)
-            prefetch = getattr(self.app, "prefetch", None)
-            if prefetch is not None:  # optional: start pure, stateless work early (validation.py)
-                prefetch([q for _, q in requests])
+            self._prefetch(requests)
         if slot.sent_prepare < view and self._vote(PREPARE, seq, view, digest):
             slot.sent_prepare = view
         self._check_prepared(slot)
@@ -807,7 +810,15 @@ class Replica:
             # driver's burst of events (propose) or the next tick.
             self._propose(self._now, partial=False)
 
+    def _prefetch(self, requests: Batch) -> None:
+        """Optional app hook: start pure, stateless work early (validation.py)."""
+        if self._app_prefetch is not None:
+            self._app_prefetch([q for _, q in requests])
+
     def _execute(self, seq: int, view: int, agreed: int, requests: Batch) -> None:
+        # Batches that arrive committed (catch-up) were never accepted: prefetch here, in
+        # one go, before the expiry checks below ask for request times one by one.
+        self._prefetch(requests)
         effective = max(agreed, self._last_time_ms)
         fresh: list[tuple[str, bytes]] = []
         expired: list[str] = []
@@ -858,20 +869,17 @@ class Replica:
             self._forget_old_requests(effective)
             self._make_checkpoint(seq)
 
-    def _expires(self) -> bool:
-        return self.config.dedup_window_ms > 0 and hasattr(self.app, "request_time_ms")
-
     def _expired(self, request: bytes, agreed_ms: int) -> bool:
-        if not self._expires():
+        if self._request_time is None:
             return False
-        stamp = self.app.request_time_ms(request)  # type: ignore[attr-defined]
+        stamp = self._request_time(request)
         return stamp is not None and abs(stamp - agreed_ms) > self.config.dedup_window_ms // 2
 
     def _forget_old_requests(self, agreed_ms: int) -> None:
         """At a checkpoint (the same point on every replica): forget request ids whose
         batch executed more than a window ago. Such a request carries a timestamp at most
         half a window after that batch's time, so if it comes again it has expired."""
-        if not self._expires():
+        if self._request_time is None:
             return
         cutoff = agreed_ms - self.config.dedup_window_ms
         old = {s for s, t in self._executed_time.items() if t < cutoff}

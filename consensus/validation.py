@@ -281,10 +281,12 @@ def _check_chunk(requests: list[bytes], params: ValidationParams, kem_private_ke
 class ValidationApp:
     """The replicated application: ``execute_batch`` / ``snapshot`` / ``restore``.
 
-    With ``background`` (a thread pool's ``submit``), ``prefetch`` starts the pure
-    prechecks of a batch as soon as the replica accepts it, so that execution (in order,
-    on the node's event loop) mostly finds them done and the loop keeps reading the
-    network meanwhile instead of stalling while a large batch is verified.
+    ``prefetch`` decodes and prechecks requests ahead of execution and keeps the results
+    until ``execute_batch`` (or ``request_time_ms``) takes them. With ``background`` (a
+    thread pool's ``submit``) that work runs there, as soon as the replica accepts a
+    batch, so execution (in order, on the node's event loop) mostly finds it done and the
+    loop keeps reading the network instead of stalling while a large batch is verified.
+    Without it, prefetching runs inline.
     """
 
     def __init__(self, params: ValidationParams, kem_private_key: bytes, precheck_runner: PrecheckRunner | None = None,
@@ -295,16 +297,17 @@ class ValidationApp:
         self._run = precheck_runner or _sequential
         self._background = background
         self._prefetched: dict[bytes, tuple[Future[list[Checked]], int]] = {}  # insertion order = age
-        # request_time_ms decodes requests just before execute_batch does: keep them.
-        self._decoded: dict[bytes, Decoded] = {}
 
     def prefetch(self, requests: list[bytes]) -> None:
-        if self._background is None:
-            return
         todo = [data for data in dict.fromkeys(requests) if data not in self._prefetched]
         for i in range(0, len(todo), PREFETCH_CHUNK):
             chunk = todo[i:i + PREFETCH_CHUNK]
-            future = self._background(partial(_check_chunk, chunk, self.params, self._kem_private_key))
+            task = partial(_check_chunk, chunk, self.params, self._kem_private_key)
+            if self._background is not None:
+                future = self._background(task)
+            else:
+                future = Future()
+                future.set_result(task())
             for j, data in enumerate(chunk):
                 self._prefetched[data] = (future, j)
         while len(self._prefetched) > MAX_PREFETCHED:
@@ -317,19 +320,15 @@ class ValidationApp:
         future, index = entry
         return future.result()[index]
 
-    def _decode(self, data: bytes) -> Decoded:
-        item = self._decoded.get(data)
-        return _decode(data) if item is None else item
-
     def request_time_ms(self, data: bytes) -> int | None:
-        """The time proof's timestamp (None for undecodable bytes, which never expire)."""
+        """The time proof's timestamp (None for undecodable bytes, which never expire).
+        The request is prefetched if it was not: execution needs that work anyway."""
         checked = self._prefetched_result(data, take=False)
-        if checked is not None:
-            item = checked[0]
-        else:
-            if len(self._decoded) >= 4096:
-                self._decoded.clear()
-            item = self._decoded[data] = self._decode(data)
+        if checked is None:
+            self.prefetch([data])
+            checked = self._prefetched_result(data, take=False)
+        assert checked is not None
+        item = checked[0]
         return None if isinstance(item, DecodeError) else item.proofs.time.timestamp_ms
 
     def execute_batch(self, seq: int, requests: list[bytes], agreed_time_ms: int) -> list[bytes]:
@@ -341,12 +340,11 @@ class ValidationApp:
         pending: list[tuple[int, Decoded, int, int]] = []
         for i, (data, done) in enumerate(zip(requests, checked)):
             if done is None:
-                item = self._decode(data)
+                item = _decode(data)
                 start = len(parts)
                 if not isinstance(item, DecodeError):
                     parts += precheck_parts(item, self.params, self._kem_private_key)
                 pending.append((i, item, start, len(parts)))
-        self._decoded.clear()
         if pending:
             results = self._run(parts)
             if len(results) != len(parts):
