@@ -32,7 +32,7 @@ from .envelope import (
     decode_response,
     encode_request,
 )
-from .quic import ALPN_API, CLOSE_UNAUTHORIZED, CoalescingProtocol, enlarge_socket_buffers
+from .quic import ALPN_API, CLOSE_UNAUTHORIZED, CoalescingProtocol
 
 log = logging.getLogger("transport.client")
 
@@ -360,7 +360,6 @@ class StoqClient:
             )
         except OSError as exc:
             raise _Retryable(ApiError(ErrorCode.TransportError, f"cannot reach {self.host}:{self.port}: {exc}")) from None
-        enlarge_socket_buffers(transport)
         protocol.connect(transport.get_extra_info("peername"))
         protocol.handshake.add_done_callback(self._handshake_done)
         self.stats.connections_opened += 1

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from .framing import DEFAULT_MAX_FRAME_BYTES, encode_frames
-from .quic import ALPN_PEER, CoalescingProtocol, enlarge_socket_buffers
+from .quic import ALPN_PEER, CoalescingProtocol
 from .tls import TlsConfig
 
 log = logging.getLogger("transport.peers")
@@ -206,7 +206,6 @@ class _PeerLink:
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _PeerProtocol(quic, self.wake), remote_addr=(self.address.host, self.address.port)
         )
-        enlarge_socket_buffers(transport)
         self.protocol = protocol
         protocol.connect(transport.get_extra_info("peername"))
         try:

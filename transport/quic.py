@@ -121,6 +121,11 @@ class CoalescingProtocol(QuicConnectionProtocol):
         super().__init__(quic, stream_handler)
         self._close_reported = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.owns_socket:  # the server's shared socket is sized by the server endpoint
+            enlarge_socket_buffers(transport)
+        super().connection_made(transport)  # type: ignore[arg-type]
+
     def _process_events(self) -> None:
         super()._process_events()
         # aioquic reports ConnectionTerminated only after the 3*PTO draining period;

@@ -30,3 +30,25 @@ def test_udp_buffers_are_raised_up_to_the_kernel_cap() -> None:
     want_rcv = 2 * min(UDP_BUFFER_BYTES, _kernel_cap("rmem_max"))
     want_snd = 2 * min(UDP_BUFFER_BYTES, _kernel_cap("wmem_max"))
     assert granted == (max(want_rcv, before[0]), max(want_snd, before[1]))
+
+
+def test_client_connections_get_the_large_buffers() -> None:
+    """Every protocol with its own socket (API client, peer link) is sized on creation."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from transport.quic import CoalescingProtocol
+
+    class OwnSocket(CoalescingProtocol):
+        owns_socket = True
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
+        transport, _ = await loop.create_datagram_endpoint(lambda: OwnSocket(quic), remote_addr=("::1", 9))
+        try:
+            return transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        finally:
+            transport.close()
+
+    assert asyncio.run(main()) == 2 * min(UDP_BUFFER_BYTES, _kernel_cap("rmem_max"))
