@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from consensus.keys import KeyRing
 from consensus.messages import (
-    CHECKPOINT, COMMIT, PREPARE, Batch, CommittedBatch, PreparedCert, ViewChange, batch_digest, decode_verified,
+    CHECKPOINT, COMMIT, PRE_PREPARE, PREPARE, Batch, CommittedBatch, PreparedCert, ViewChange, batch_digest, decode_verified,
 )
 
 
@@ -30,12 +30,12 @@ def checkpoint_proof_digest(keyring: KeyRing, cluster_id: str, seq: int, wires: 
     return None
 
 
-def _quorum_of(keyring: KeyRing, cluster_id: str, kind: str, view: int, seq: int, digest: bytes,
+def _quorum_of(keyring: KeyRing, cluster_id: str, kinds: tuple[str, ...], view: int, seq: int, digest: bytes,
                wires: tuple[bytes, ...]) -> bool:
     signers: set[str] = set()
     for wire in wires:
-        msg = decode_verified(wire, keyring, cluster_id, kind)
-        if msg is None:
+        msg = decode_verified(wire, keyring, cluster_id, None)
+        if msg is None or msg.kind not in kinds:
             return False
         p = msg.payload
         if (p.view, p.seq, p.digest) != (view, seq, digest):  # type: ignore[union-attr]
@@ -45,13 +45,17 @@ def _quorum_of(keyring: KeyRing, cluster_id: str, kind: str, view: int, seq: int
 
 
 def verify_prepared(keyring: KeyRing, cluster_id: str, cert: PreparedCert) -> bool:
+    """2f+1 distinct validators endorsed the batch at (view, seq). A view's leader signs
+    no prepare: its signed pre-prepare header (requests stripped) stands for it. Counting
+    any validator's signed pre-prepare as its prepare is safe: an honest validator signs
+    at most one of the two for a slot, and a faulty one could sign a prepare anyway."""
     digest = batch_digest(cert.agreed_time_ms, cert.requests)
-    return _quorum_of(keyring, cluster_id, PREPARE, cert.view, cert.seq, digest, cert.prepares)
+    return _quorum_of(keyring, cluster_id, (PREPARE, PRE_PREPARE), cert.view, cert.seq, digest, cert.prepares)
 
 
 def verify_committed(keyring: KeyRing, cluster_id: str, batch: CommittedBatch) -> bool:
     digest = batch_digest(batch.agreed_time_ms, batch.requests)
-    return _quorum_of(keyring, cluster_id, COMMIT, batch.view, batch.seq, digest, batch.commits)
+    return _quorum_of(keyring, cluster_id, (COMMIT,), batch.view, batch.seq, digest, batch.commits)
 
 
 def verify_view_change(keyring: KeyRing, cluster_id: str, vc: ViewChange) -> bool:

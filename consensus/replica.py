@@ -649,9 +649,26 @@ class Replica:
                 self._in_flight[rid] = seq
                 self._dequeue(rid)
             self._prefetch(requests)
-        if slot.sent_prepare < view and self._vote(PREPARE, seq, view, digest):
+        leader = self._leader_of(view)
+        if leader_signature:
+            self._count_leader_prepare(slot, view, leader, leader_signature)
+        # Classic PBFT: the leader's signed pre-prepare is its prepare, so it signs no
+        # separate one (re-proposals of a new view carry no header: everyone prepares).
+        if (leader != self.node_id or not leader_signature) and slot.sent_prepare < view \
+                and self._vote(PREPARE, seq, view, digest):
             slot.sent_prepare = view
         self._check_prepared(slot)
+
+    def _count_leader_prepare(self, slot: Slot, view: int, leader: str, leader_signature: bytes) -> None:
+        """Count the accepted pre-prepare's signed header as the leader's prepare (its
+        wire then stands for the leader in the prepared certificate)."""
+        assert slot.digest is not None
+        header = preprepare_header_wire(self._cid, leader, view, slot.seq, slot.agreed_time_ms, slot.digest,
+                                        leader_signature)
+        if slot.votes(slot.prepares, view).add(leader, slot.digest, header) is not None:
+            # The leader also sent a prepare for another batch. Evidence pairs messages of
+            # one kind: the header it carries was compared in _check_leader_headers.
+            self._count("leader_prepare_conflict")
 
     def _on_preprepare(self, msg: Message, sender: str) -> None:
         pp: PrePrepare = msg.payload  # type: ignore[assignment]
@@ -720,6 +737,13 @@ class Replica:
         votes = slot.votes(table, p.view)  # type: ignore[union-attr]
         first_from_sender = sender not in votes.first
         earlier = votes.add(sender, p.digest, msg.raw)  # type: ignore[union-attr]
+        if earlier is not None and kind == PREPARE and sender == self._leader_of(p.view) \
+                and decode(earlier).kind == PRE_PREPARE:  # type: ignore[union-attr]
+            # The leader's pre-prepare counts as its prepare; a prepare of it for another
+            # batch is evidence through the header it carries (one kind per evidence).
+            self._count("leader_prepare_conflict")
+            self._check_leader_header(slot, p)  # type: ignore[arg-type]
+            return
         if earlier is not None:
             self._evidence(sender, EQUIVOCATION, p.seq, p.view, (earlier, msg.raw), f"two {kind}s for one slot")  # type: ignore[union-attr]
             return

@@ -462,3 +462,28 @@ def test_committed_batch_waits_for_the_apps_background_work_then_resumes() -> No
     assert leader.replica.last_executed_seq == 1 and leader.app.executed == [(1, b"payload-0")]
     c.deliver_all()
     assert "r0" in c.finals("node-0")
+
+
+def test_leaders_pre_prepare_is_its_prepare_in_live_and_certified_counts() -> None:
+    from consensus.pbft_proofs import verify_prepared
+
+    c = Cluster()
+    for i in range(3):
+        c.submit("node-0", f"r{i}", b"payload-%d" % i)
+    c.run(100)
+    assert all(sorted(c.finals(n)) == ["r0", "r1", "r2"] for n in c.ids)
+    kinds = [decode(a.payload).kind for a in c.nodes["node-0"].of(Send)]
+    assert "pre-prepare" in kinds and "prepare" not in kinds  # the leader signs no prepare
+    assert all("prepare" in [decode(a.payload).kind for a in c.nodes[n].of(Send)] for n in c.ids[1:])
+    slot = c.nodes["node-2"].replica._slots[1]
+    cert = slot.prepared_cert
+    signers = [decode(w).signer for w in cert.prepares]
+    assert [decode(w).kind for w in cert.prepares][signers.index("node-0")] == "pre-prepare"
+    assert verify_prepared(c.keyring, "test-cluster", cert)
+    # Without the leader's header, the followers' prepares alone may fall short; with it
+    # removed AND one follower removed, the certificate must fail (2 < 2f+1 = 3).
+    short = dataclasses.replace(cert, prepares=tuple(w for w in cert.prepares if decode(w).signer not in ("node-0", "node-1")))
+    assert not verify_prepared(c.keyring, "test-cluster", short)
+    # A pre-prepare header for another digest does not count.
+    other = dataclasses.replace(cert, agreed_time_ms=cert.agreed_time_ms + 1)
+    assert not verify_prepared(c.keyring, "test-cluster", other)
