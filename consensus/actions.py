@@ -31,9 +31,6 @@ class Application(Protocol):
     # replica expires stale requests and forgets old request ids (bounded de-dup table).
     # Optional: ``prefetch(requests: list[bytes]) -> None``, called when a batch is accepted
     # for a future sequence number; it may start pure work early, never touch the state.
-    # Optional: ``ready(requests: list[bytes]) -> bool``, False while that early work for a
-    # committed batch still runs in the background: the replica then leaves the batch
-    # unexecuted until the driver calls ``Replica.resume`` (or the next ``tick``).
 
 
 @dataclass(frozen=True, slots=True)

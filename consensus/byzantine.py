@@ -117,9 +117,6 @@ class ByzantineReplica:
     def propose(self, now_ms: int) -> list[Action]:
         return self._outgoing(self.replica.propose(now_ms), now_ms)
 
-    def resume(self, now_ms: int) -> list[Action]:
-        return self._outgoing(self.replica.resume(now_ms), now_ms)
-
     @property
     def node_id(self) -> str:
         return self.replica.node_id

@@ -190,7 +190,6 @@ class Replica:
         # Optional application hooks (consensus/actions.py), looked up once. Expiry needs
         # both a window and the request's own time.
         self._app_prefetch: Callable[[list[bytes]], None] | None = getattr(app, "prefetch", None)
-        self._app_ready: Callable[[list[bytes]], bool] | None = getattr(app, "ready", None)
         self._request_time: Callable[[bytes], int | None] | None = (
             getattr(app, "request_time_ms", None) if config.dedup_window_ms > 0 else None)
         self._in_flight: dict[str, int] = {}
@@ -367,20 +366,12 @@ class Replica:
         if self.is_leader:
             self._propose(now_ms)
         self._check_request_timers(now_ms)
-        self._execute_ready()  # safety net for a missed ``resume``
         if self._in_view_change and now_ms >= self._vc_deadline:
             self._start_view_change(self._vc_target + 1)
         self._maybe_fetch(now_ms)
         self._retry_result_votes(now_ms)
         self._fetch_missing_results(now_ms)
         self._retransmit_votes(now_ms)
-        return self._flush()
-
-    def resume(self, now_ms: int) -> list[Action]:
-        """The application finished background work for a committed batch (its ``ready``
-        turned true): execute what was waiting. ``tick`` does it too, later."""
-        self._now = now_ms
-        self._execute_ready()
         return self._flush()
 
     # ------------------------------------------------------------------ plumbing
@@ -836,11 +827,6 @@ class Replica:
             if slot is None or slot.commit_cert is None:
                 break
             cert = slot.commit_cert
-            if self._app_ready is not None and not self._app_ready([q for _, q in cert.requests]):
-                # Its proof checks still run in the background: wait for ``resume``
-                # instead of blocking the node's event loop until they finish.
-                self._count("execution_waits")
-                break
             self._execute(cert.seq, cert.view, cert.agreed_time_ms, cert.requests)
             executed = True
         if executed and self.is_leader:

@@ -284,10 +284,9 @@ class ValidationApp:
     ``prefetch`` decodes and prechecks requests ahead of execution and keeps the results
     until ``execute_batch`` (or ``request_time_ms``) takes them. With ``background`` (a
     thread pool's ``submit``) that work runs there, as soon as the replica accepts a
-    batch. ``ready`` tells the replica whether a committed batch's checks are done, so
-    execution (in order, on the node's event loop) waits for them without blocking the
-    loop, which keeps reading the network and ordering the next batches meanwhile.
-    Without ``background``, prefetching runs inline and every batch is ready at once.
+    batch, so execution (in order, on the node's event loop) mostly finds it done and the
+    loop keeps reading the network instead of stalling while a large batch is verified.
+    Without it, prefetching runs inline.
     """
 
     def __init__(self, params: ValidationParams, kem_private_key: bytes, precheck_runner: PrecheckRunner | None = None,
@@ -313,19 +312,6 @@ class ValidationApp:
                 self._prefetched[data] = (future, j)
         while len(self._prefetched) > MAX_PREFETCHED:
             del self._prefetched[next(iter(self._prefetched))]
-
-    def ready(self, requests: list[bytes]) -> bool:
-        """True when executing these requests would not wait for background work.
-        Starts the work for any request not prefetched yet (e.g. a caught-up batch)."""
-        missing = [data for data in requests if data not in self._prefetched]
-        if missing:
-            self.prefetch(missing)
-        for data in requests:
-            entry = self._prefetched.get(data)
-            # An entry aged out of the bounded store is simply checked inline at execution.
-            if entry is not None and not entry[0].done():
-                return False
-        return True
 
     def _prefetched_result(self, data: bytes, *, take: bool) -> Checked | None:
         entry = self._prefetched.pop(data, None) if take else self._prefetched.get(data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -68,10 +68,8 @@ class ReplicaDriver:
         self.n = len(keyring.node_ids)
         self._pool_size = 2
         self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="precheck")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._resume_scheduled = False
         self.app = ValidationApp(params, kem_private_key, precheck_runner=self._run_prechecks,
-                                 background=self._submit_background)
+                                 background=self._pool.submit)
         replica: Any = Replica(replica_config, key, keyring, self.app, durable=store.load_records(), now_ms=now_ms())
         if byzantine:
             from consensus.byzantine import ByzantineReplica
@@ -95,8 +93,6 @@ class ReplicaDriver:
     async def start(self) -> None:
         # Accepted-but-unordered requests need no resubmission here: the replica keeps
         # them in its own durable records (pending/<id>) and re-queues them on recovery.
-        self._loop = asyncio.get_running_loop()
-        self._resume()  # batches recovered from the store may have waited for their checks
         pending = len(self.store.list_pending())
         if pending:
             log.info("%d accepted requests were not final at the last shutdown; the replica resumes them", pending)
@@ -292,31 +288,6 @@ class ReplicaDriver:
                 "BYZANTINE EVIDENCE against %s: %s at view %d seq %d %s",
                 evidence.accused, evidence.kind, evidence.view, evidence.seq, evidence.detail,
             )
-
-    def _submit_background(self, task: Callable[[], Any]) -> Future[Any]:
-        future = self._pool.submit(task)
-        future.add_done_callback(self._background_done)
-        return future
-
-    def _background_done(self, _future: Future[Any]) -> None:
-        """On a pool thread: a batch waiting for its checks may be executable now. One
-        wake-up per event-loop pass however many checks finished (the flag may race,
-        which costs at most one extra, harmless ``resume``)."""
-        loop = self._loop
-        if loop is None or self._resume_scheduled:
-            return  # before start(): start() resumes; otherwise one is already queued
-        self._resume_scheduled = True
-        try:
-            loop.call_soon_threadsafe(self._resume)
-        except RuntimeError:  # the loop closed during shutdown
-            pass
-
-    def _resume(self) -> None:
-        self._resume_scheduled = False
-        try:
-            self._apply(self.replica.resume(now_ms()))
-        except Exception:
-            log.exception("replica failed to resume execution")
 
     def _run_prechecks(self, parts: list[Callable[[], Any]]) -> list[Any]:
         """The proof checks are independent and their crypto releases the GIL, so they

@@ -436,34 +436,6 @@ def test_replica_that_skipped_batches_by_snapshot_still_finalises_their_requests
         assert ok, why
 
 
-def test_committed_batch_waits_for_the_apps_background_work_then_resumes() -> None:
-    """An app whose ``ready`` says its early checks still run: the replica leaves the
-    committed batch unexecuted (no blocking), and executes it on ``resume``."""
-    c = Cluster()
-    leader = c.nodes["node-0"]
-    busy = {"yes": True}
-    asked: list[list[bytes]] = []
-
-    def ready(requests: list[bytes]) -> bool:
-        asked.append(requests)
-        return not busy["yes"]
-
-    leader.app.ready = ready  # type: ignore[attr-defined]
-    leader.replica._app_ready = ready  # looked up once at construction; the harness builds first
-    c.submit("node-0", "r0", b"payload-0")
-    c.run(100)  # ticks too: they retry execution, which must keep waiting
-    others = [n for n in c.ids if n != "node-0"]
-    assert all(c.nodes[n].replica.last_executed_seq == 1 for n in others)
-    assert leader.replica.last_executed_seq == 0 and leader.app.executed == []
-    assert asked and asked[-1] == [b"payload-0"]
-    assert leader.replica.counters["execution_waits"] >= 1
-    busy["yes"] = False
-    c.handle("node-0", leader.replica.resume(c.now))
-    assert leader.replica.last_executed_seq == 1 and leader.app.executed == [(1, b"payload-0")]
-    c.deliver_all()
-    assert "r0" in c.finals("node-0")
-
-
 def test_leaders_pre_prepare_is_its_prepare_in_live_and_certified_counts() -> None:
     from consensus.pbft_proofs import verify_prepared
 

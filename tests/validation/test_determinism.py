@@ -3,7 +3,7 @@ whatever the precheck runner (sequential or a thread pool)."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import pytest
@@ -111,25 +111,3 @@ def test_outcome_wire_form(cluster, mldsa):
     wire = out.to_wire()
     assert wire["status"] == "Valid" and wire["request_digest"] == req.digest and wire["reasons"] == []
     assert set(wire) == {"request_id", "kind", "status", "reasons", "agreed_time_ms", "request_digest"}
-
-
-def test_ready_reports_unfinished_background_checks_and_starts_missing_ones(cluster, mldsa, falcon):
-    batch1, _ = _batches(cluster, mldsa, falcon)
-    started: list[Future] = []
-
-    def background(task):  # held back until the test runs it
-        future: Future = Future()
-        future.task = task  # type: ignore[attr-defined]
-        started.append(future)
-        return future
-
-    app = ValidationApp(cluster.params, cluster.kem_private, background=background)
-    assert app.ready(batch1) is False  # nothing prefetched yet: ready() starts the work
-    assert len(started) == 1
-    assert app.ready(batch1) is False and len(started) == 1  # not started twice
-    started[0].set_result(started[0].task())  # type: ignore[attr-defined]
-    assert app.ready(batch1) is True
-    assert app.execute_batch(1, batch1, NOW + 1) == ValidationApp(cluster.params, cluster.kem_private).execute_batch(
-        1, batch1, NOW + 1)
-    # Without a background runner every batch is ready at once.
-    assert ValidationApp(cluster.params, cluster.kem_private).ready(batch1) is True
