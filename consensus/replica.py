@@ -361,6 +361,23 @@ class Replica:
             self._propose(now_ms)
         return self._flush()
 
+    def batch_deadline_ms(self) -> int | None:
+        """When the waiting partial batch becomes due (``propose`` would send it), or
+        None: not the leader, nothing waiting, or a full window. A driver arms a timer
+        for it, so a batch goes out when due rather than at the next coarse ``tick``."""
+        if not self.is_leader or self._transfer is not None:
+            return None
+        cfg = self.config
+        if self._next_seq > min(self._last_executed + cfg.window, self._stable.seq + cfg.log_size):
+            return None  # execution moves the window; the driver proposes after each pass
+        waiting = self._unproposed()
+        if not waiting:
+            return None
+        arrived = self._pending[next(iter(waiting))].arrived_ms
+        in_progress = self._next_seq - 1 - self._last_executed
+        wait = cfg.batch_max_delay_ms if in_progress < cfg.max_partial_in_flight else cfg.batch_max_wait_ms
+        return arrived + wait
+
     def tick(self, now_ms: int) -> list[Action]:
         self._now = now_ms
         if self.is_leader:

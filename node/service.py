@@ -165,6 +165,7 @@ class ValidationService:
             self.driver.forget_waiter(request.request_id, future)
             # Accepted and durable: the client can poll validation_status for the result.
             return {"request_id": request.request_id, "status": "Pending", "leader": self.driver.replica.leader}
+        else:
             if stored.agreeing < stored.n and self._should_wait_for_votes():
                 stored = await self.driver.wait_for_votes(stored, self.limits.vote_grace_s)
                 self._short_results = 0 if stored.agreeing >= stored.n else self._short_results + 1

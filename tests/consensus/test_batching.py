@@ -144,3 +144,28 @@ def test_requests_of_one_burst_share_a_batch() -> None:
     assert _proposals(c) == [5]
     c.run(100)
     assert c.nodes["node-2"].app.count == 5
+
+
+def test_batch_deadline_says_when_propose_will_send_the_partial_batch() -> None:
+    """The driver arms a timer for ``batch_deadline_ms``: proposing just before it sends
+    nothing, proposing at it sends the batch; with a batch in flight the deadline moves
+    out to ``batch_max_wait_ms``; followers and an empty queue have no deadline."""
+    c = Cluster(config=_config())
+    leader = c.nodes["node-0"].replica
+    assert leader.batch_deadline_ms() is None  # nothing waiting
+    start = c.now
+    c.submit("node-0", "a", b"x")
+    assert leader.batch_deadline_ms() == start + 5
+    assert c.nodes["node-1"].replica.batch_deadline_ms() is None  # not the leader
+    c.handle("node-0", leader.propose(start + 4))
+    assert _proposals(c) == []
+    c.handle("node-0", leader.propose(start + 5))
+    assert _proposals(c) == [1]
+    assert leader.batch_deadline_ms() is None  # the queue is empty again
+    c.now = start + 7
+    c.submit("node-0", "b", b"x")  # one batch in flight (max_partial_in_flight=1)
+    assert leader.batch_deadline_ms() == start + 7 + 50
+    c.handle("node-0", leader.propose(start + 7 + 49))
+    assert _proposals(c) == [1]
+    c.handle("node-0", leader.propose(start + 7 + 50))
+    assert _proposals(c) == [1, 1]

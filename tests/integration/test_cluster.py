@@ -163,3 +163,21 @@ def test_a_node_that_missed_a_final_result_fetches_it_from_peers(make_cluster) -
             return status["status"] == "Valid" and status["result"] == first["result"]
 
     asyncio.run(wait_until(repaired, 60, "node-4 to adopt the certified result"))
+
+
+def test_healthy_cluster_reports_every_agreeing_validator(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """The answer waits (up to --vote-grace-ms) for the votes past the 2f+1 quorum, so a
+    healthy cluster reports confidence 1.0 with all four signers, through any node."""
+    running = make_cluster(4, common_args=["--vote-grace-ms", "10000"])
+
+    async def calls() -> list[dict[str, Any]]:
+        results = []
+        for endpoint in running.manifest.nodes:
+            async with running.client(endpoints=[endpoint]) as client:
+                results.append(await client.validate_proofs(running.factory.proofs(), wait_s=30))
+        return results
+
+    for result in asyncio.run(calls()):
+        assert result["status"] == "Valid"
+        assert result["metrics"]["validator_nodes"] == 4, (result["leader"], result["metrics"])
+        assert result["metrics"]["confidence_level"] == 1.0
