@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
@@ -16,6 +15,7 @@ from consensus.byzantine import BYZANTINE_MODES
 
 VERSION = "0.1.0"
 DEFAULT_NODE_ID = "hypermesh-consensus-1"
+DEFAULT_PORT = 9292
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-b", "--bind", default="::", metavar="ADDRESS", help="IPv6 bind address (default ::)")
-    parser.add_argument("-p", "--port", type=int, default=9292, help="STOQ listen port, UDP (default 9292)")
+    parser.add_argument("-p", "--port", type=int, default=None,
+                        help="STOQ listen port, UDP (default 9292; with --cluster, this node's port in the manifest)")
     parser.add_argument("-n", "--node-id", default=None, metavar="ID",
                         help=f"node identifier; must be in the manifest with --cluster (default {DEFAULT_NODE_ID})")
     parser.add_argument("-l", "--log-level", default="info", choices=("trace", "debug", "info", "warn", "error"),
@@ -115,15 +116,20 @@ async def serve(args: argparse.Namespace) -> int:
     if node_id is None:
         raise SystemExit("consensus-server: --node-id is required with --cluster (one of the manifest's node ids)")
     data_dir = Path(args.data_dir or Path("data") / node_id)
-    cluster_dir = Path(args.cluster) if args.cluster else _single_node_cluster(data_dir, node_id, args.port)
+    cluster_dir = Path(args.cluster) if args.cluster else _single_node_cluster(data_dir, node_id, args.port or DEFAULT_PORT)
     manifest = load_manifest(cluster_dir)
-    entry = manifest.node(node_id)
+    entry = manifest.node(node_id)  # a clear error if the id is not in the manifest
+    # Peers and clients dial the manifest's address, so that is where to listen unless told otherwise.
+    port = args.port if args.port is not None else (entry.port if args.cluster else DEFAULT_PORT)
+    if args.cluster and port != entry.port:
+        log.warning("listening on port %d, but the manifest gives %s port %d: peers and clients will dial %d "
+                    "(fine behind a port mapping, as in compose.yaml)", port, node_id, entry.port, entry.port)
 
     log.info("Starting HyperMesh Consensus Server v%s", VERSION)
     log.info("Configuration:")
     log.info("  Node ID: %s", node_id)
     log.info("  Cluster: %s (n=%d, f=%d) from %s", manifest.cluster_id, manifest.n, manifest.f, cluster_dir)
-    log.info("  Bind address: [%s]:%d", args.bind, args.port)
+    log.info("  Bind address: [%s]:%d", args.bind, port)
     log.info("  Max concurrent validations: %d", args.max_validations)
     log.info("  Cache enabled: %s", "true" if args.cache else "false")
     log.info("  Data directory: %s", data_dir)
@@ -187,7 +193,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     log.info("Starting STOQ API server...")
     server = StoqServer(
-        args.bind, args.port, registry, tls,
+        args.bind, port, registry, tls,
         Limits(request_timeout_s=args.request_timeout + 5, max_datagram_size=args.max_datagram_size),
         peer_frame_handler=mesh.deliver,
         peer_connected=mesh.peer_connected,
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_validations < 1:
         raise SystemExit("consensus-server: --max-validations must be at least 1")
-    if not 0 <= args.port < 65536:
+    if args.port is not None and not 0 <= args.port < 65536:
         raise SystemExit("consensus-server: --port must be 0..65535")
     configure_logging(args.log_level)
     from cluster.manifest import ManifestError

@@ -229,3 +229,29 @@ def test_command_line_help_and_version() -> None:
     )
     assert no_cluster.returncode == 2 and "hypermesh cluster init" in no_cluster.stderr
     assert time.monotonic() - started < 60
+
+
+def test_cluster_node_listens_on_its_manifest_port_by_default(tmp_path: Path) -> None:
+    """``consensus-server --cluster DIR --node-id node-2`` with no --port must listen where
+    the manifest says node-2 is, since that is where peers and clients dial it."""
+    from cluster.bootstrap import InitOptions, init_cluster
+
+    base = free_udp_ports(4)
+    cluster_dir = tmp_path / "cluster"
+    init_cluster(cluster_dir, InitOptions(nodes=4, base_port=base, address_template="[::1]:{port}"), lambda m: None)
+    log = open(tmp_path / "node-2.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.main", "--cluster", str(cluster_dir), "--node-id", "node-2", "--bind", "::1",
+         "--data-dir", str(tmp_path / "data"), "--metrics-port", "0"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    try:
+        async def node_2_health() -> bool:
+            async with ClusterClient.from_manifest(cluster_dir, timeout_s=2.0, retries=0) as client:
+                return bool((await client.health("node-2"))["node_id"] == "node-2")
+
+        asyncio.run(wait_until(node_2_health, timeout_s=30, what="node-2 healthy on its manifest port"))
+        assert load_manifest(cluster_dir).node("node-2").port == base + 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
