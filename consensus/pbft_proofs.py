@@ -54,8 +54,12 @@ def verify_prepared(keyring: KeyRing, cluster_id: str, cert: PreparedCert) -> bo
 
 
 def verify_committed(keyring: KeyRing, cluster_id: str, batch: CommittedBatch) -> bool:
+    """2f+1 distinct validators committed the batch at (view, seq). With a single
+    validator (n = 1, quorum 1) its signed pre-prepare or prepare is the commit: it
+    signs no separate commit message."""
     digest = batch_digest(batch.agreed_time_ms, batch.requests)
-    return _quorum_of(keyring, cluster_id, (COMMIT,), batch.view, batch.seq, digest, batch.commits)
+    kinds = (COMMIT, PREPARE, PRE_PREPARE) if keyring.n == 1 else (COMMIT,)
+    return _quorum_of(keyring, cluster_id, kinds, batch.view, batch.seq, digest, batch.commits)
 
 
 def verify_view_change(keyring: KeyRing, cluster_id: str, vc: ViewChange) -> bool:

@@ -1,0 +1,74 @@
+"""n = 1: a lone validator runs the same protocol, minus the signatures no peer reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consensus.actions import Final
+from consensus.codec import unpack_bounded
+from consensus.messages import CommittedBatch
+from consensus.pbft_proofs import verify_committed
+from consensus.replica import ReplicaConfig
+from tests.consensus.harness import Cluster
+
+
+class CountingKey:
+    """The node's key, counting what it signs."""
+
+    def __init__(self, key: Any) -> None:
+        self._key, self.signed = key, 0
+
+    def sign(self, message: bytes) -> bytes:
+        self.signed += 1
+        return self._key.sign(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._key, name)
+
+
+def _committed(durable: dict[str, bytes], seq: int) -> CommittedBatch:
+    view, cert_seq, agreed, digest, wires = unpack_bounded(durable[f"committed/{seq:016d}"], max_size=1 << 20)
+    batch_key = next(k for k in durable if k.startswith(f"batch/{seq:016d}/"))
+    _, requests = unpack_bounded(durable[batch_key], max_size=1 << 20)
+    return CommittedBatch(view, cert_seq, agreed, tuple((r, q) for r, q in requests), tuple(wires))
+
+
+def test_lone_validator_signs_pre_prepare_and_result_only_and_its_commit_certificate_verifies() -> None:
+    c = Cluster(1, ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=64, window=4))
+    node = c.nodes["node-0"]
+    key = CountingKey(node.replica.key)
+    node.replica.key = key  # type: ignore[assignment]
+    for i in range(3):
+        c.submit("node-0", f"r{i}", b"request-%d" % i)
+        c.now += 10
+        c.handle("node-0", node.replica.propose(c.now))
+    assert {f.request_id for f in node.of(Final)} == {"r0", "r1", "r2"}
+    assert key.signed == 3 * 2  # per batch: the pre-prepare header and the result vote
+    assert not [k for k in node.durable if k.startswith("vote/commit/")]
+    for seq in (1, 2, 3):
+        cert = _committed(node.durable, seq)
+        assert verify_committed(c.keyring, "test-cluster", cert)
+        # the certificate is bound to its batch: another batch does not verify with it
+        assert not verify_committed(c.keyring, "test-cluster", CommittedBatch(
+            cert.view, cert.seq, cert.agreed_time_ms, (("forged", b"x"),), cert.commits))
+
+    restarted = c.restart("node-0")  # recovers from the durable records alone
+    assert restarted.replica.last_executed_seq == 3
+    c.submit("node-0", "r3", b"request-3")
+    c.now += 10
+    c.handle("node-0", restarted.replica.propose(c.now))
+    finals = {f.request_id: f for f in restarted.of(Final)}  # recovery re-announces r0..r2
+    assert finals["r3"].certificate.seq == 4
+
+
+def test_a_pre_prepare_is_no_commit_in_a_real_cluster() -> None:
+    """With n = 4 only commit messages make a commit certificate."""
+    c = Cluster(4, ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=64, window=4))
+    c.submit("node-0", "r0", b"request")
+    c.run(100)
+    durable = c.nodes["node-1"].durable
+    cert = _committed(durable, 1)
+    assert verify_committed(c.keyring, "test-cluster", cert)
+    prepared = unpack_bounded(durable[f"prepared/{1:016d}"], max_size=1 << 20)[4]  # pre-prepare header + prepares
+    assert not verify_committed(c.keyring, "test-cluster", CommittedBatch(
+        cert.view, cert.seq, cert.agreed_time_ms, cert.requests, tuple(prepared)))
