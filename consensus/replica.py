@@ -385,10 +385,11 @@ class Replica:
         self._check_request_timers(now_ms)
         if self._in_view_change and now_ms >= self._vc_deadline:
             self._start_view_change(self._vc_target + 1)
-        self._maybe_fetch(now_ms)
-        self._retry_result_votes(now_ms)
-        self._fetch_missing_results(now_ms)
-        self._retransmit_votes(now_ms)
+        if self.keyring.n > 1:  # a lone validator has no one to catch up from or re-send to
+            self._maybe_fetch(now_ms)
+            self._retry_result_votes(now_ms)
+            self._fetch_missing_results(now_ms)
+            self._retransmit_votes(now_ms)
         return self._flush()
 
     # ------------------------------------------------------------------ plumbing

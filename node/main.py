@@ -121,7 +121,7 @@ async def serve(args: argparse.Namespace) -> int:
     entry = manifest.node(node_id)  # a clear error if the id is not in the manifest
     # Peers and clients dial the manifest's address, so that is where to listen unless told otherwise.
     port = args.port if args.port is not None else (entry.port if args.cluster else DEFAULT_PORT)
-    if args.cluster and port != entry.port:
+    if port != entry.port:  # also a single node whose DATA_DIR/cluster was made with another --port
         log.warning("listening on port %d, but the manifest gives %s port %d: peers and clients will dial %d "
                     "(fine behind a port mapping, as in compose.yaml)", port, node_id, entry.port, entry.port)
 

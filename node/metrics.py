@@ -26,7 +26,7 @@ class NodeMetrics:
         self.view_changes = Counter("hypermesh_consensus_view_changes", "View changes installed", registry=r)
         self.state_transfers = Counter("hypermesh_consensus_state_transfers", "Checkpoints installed by state transfer", registry=r)
         self.evidence = Counter("hypermesh_byzantine_evidence", "Byzantine evidence recorded, by accused node and kind", ["accused", "kind"], registry=r)
-        self.confidence = Histogram("hypermesh_result_confidence", "confidence_level of final results", buckets=(0.25, 0.5, 0.67, 0.75, 0.8, 0.9, 1.0), registry=r)
+        self.confidence = Histogram("hypermesh_result_confidence", "confidence_level of the results this node answered to clients (after the vote-grace wait)", buckets=(0.25, 0.5, 0.67, 0.75, 0.8, 0.9, 1.0), registry=r)
         self.peer_frames_in = Counter("hypermesh_peer_frames_received", "Consensus frames received from peers", registry=r)
 
 

@@ -248,9 +248,7 @@ class ReplicaDriver:
         for to, payload in sends:
             self._send(to, payload)
         for result, final in zip(stored, finals):
-            if not final.late:
-                self.metrics.confidence.observe(final.agreeing / final.n)
-            elif result.request_id in self._vote_events:
+            if final.late and result.request_id in self._vote_events:
                 self._vote_events[result.request_id].set()
             for waiter in self._waiters.pop(result.request_id, []):
                 if not waiter.future.done():

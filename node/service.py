@@ -168,7 +168,11 @@ class ValidationService:
         else:
             if stored.agreeing < stored.n and self._should_wait_for_votes():
                 stored = await self.driver.wait_for_votes(stored, self.limits.vote_grace_s)
-                self._short_results = 0 if stored.agreeing >= stored.n else self._short_results + 1
+            # "Three answers in a row" short of votes: a complete answer breaks the run.
+            self._short_results = 0 if stored.agreeing >= stored.n else self._short_results + 1
+            # What the client is told, after the grace wait (the alert on it expects 1.0
+            # from a healthy cluster).
+            self.metrics.confidence.observe(stored.agreeing / stored.n)
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
@@ -297,6 +301,10 @@ def wrap_handler(service: ValidationService, path: str, handler: Any) -> Any:
         except ApiError as exc:
             service.metrics.errors.labels(str(exc.code)).inc()
             service.driver.store.audit(ctx.peer_identity, path, request_id, f"error:{exc.code}")
+            raise
+        except Exception:  # a bug: the transport logs it and answers HandlerError
+            service.metrics.errors.labels(str(ErrorCode.HandlerError)).inc()
+            service.driver.store.audit(ctx.peer_identity, path, request_id, f"error:{ErrorCode.HandlerError}")
             raise
         finally:
             ctx.response_metadata.update(service.response_metadata())

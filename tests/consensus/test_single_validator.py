@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from consensus.actions import Final
+from consensus.actions import Final, Send
 from consensus.codec import unpack_bounded
 from consensus.messages import CommittedBatch
 from consensus.pbft_proofs import verify_committed
@@ -72,3 +72,17 @@ def test_a_pre_prepare_is_no_commit_in_a_real_cluster() -> None:
     prepared = unpack_bounded(durable[f"prepared/{1:016d}"], max_size=1 << 20)[4]  # pre-prepare header + prepares
     assert not verify_committed(c.keyring, "test-cluster", CommittedBatch(
         cert.view, cert.seq, cert.agreed_time_ms, cert.requests, tuple(prepared)))
+
+
+def test_idle_lone_validator_ticks_without_fetching_from_peers_it_does_not_have() -> None:
+    """The idle probe for a newer state used to pick a peer modulo zero peers."""
+    c = Cluster(1, ReplicaConfig(cluster_id="test-cluster"))
+    node = c.nodes["node-0"]
+    for _ in range(6000):  # ten minutes of 100 ms ticks
+        c.now += 100
+        c.handle("node-0", node.replica.tick(c.now))
+    assert not [a for a in node.actions if isinstance(a, Send)]
+    c.submit("node-0", "r0", b"request")
+    c.now += 10
+    c.handle("node-0", node.replica.tick(c.now))
+    assert [f.request_id for f in node.of(Final)] == ["r0"]

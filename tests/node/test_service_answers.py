@@ -1,0 +1,143 @@
+"""The service's answer path with a real Store and ReplicaDriver plumbing and a stub
+replica: what the client is told, what the metrics and the audit table record."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import node.service as service_module
+from consensus.actions import Final, ResultCertificate
+from consensus.validation import Outcome
+from node.metrics import NodeMetrics
+from node.runtime import ReplicaDriver
+from node.service import ServiceLimits, ValidationService, wrap_handler
+from node.store import Store
+
+
+class _Request:
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+    def encode(self) -> bytes:
+        return b"req:" + self.request_id.encode()
+
+
+class _Replica:
+    leader, view = "node-1", 0
+
+    def submit(self, request_id: str, request: bytes, now: int) -> list[Any]:
+        return []
+
+    def propose(self, now: int) -> list[Any]:
+        return []
+
+    def batch_deadline_ms(self) -> None:
+        return None
+
+
+class _Span:
+    def set_attribute(self, *args: Any) -> None:
+        pass
+
+
+class _Ctx:
+    peer_identity = None
+
+    def __init__(self) -> None:
+        self.response_metadata: dict[str, Any] = {}
+
+
+def _driver(store: Store, metrics: NodeMetrics) -> ReplicaDriver:
+    """The driver's answer plumbing without its replica, thread pool or tick task."""
+    driver = ReplicaDriver.__new__(ReplicaDriver)
+    driver.store, driver.metrics, driver.replica, driver.n = store, metrics, _Replica(), 4
+    driver._send = lambda to, payload: None
+    driver._waiters, driver._vote_events = {}, {}
+    driver._out_pending, driver._out_records, driver._out_sends, driver._out_finals, driver._out_answers = [], [], [], [], []
+    driver._flush_scheduled, driver._batch_timer, driver._batch_timer_at = False, None, None
+    return driver
+
+
+def _final(request_id: str, agreeing: int, seq: int, late: bool = False) -> Final:
+    digest = hashlib.sha256(b"req:" + request_id.encode()).digest()
+    result = Outcome(request_id, "proofs", "Valid", (), 1, digest).encode()
+    signatures = tuple((f"node-{i}", b"s") for i in range(1, agreeing + 1))
+    certificate = ResultCertificate("c", seq, b"r" * 32, 1, 0, (), signatures)
+    return Final(request_id, digest, result, certificate, agreeing, 4, "node-1", 0, late)
+
+
+@pytest.fixture
+def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ValidationService]:
+    monkeypatch.setattr(service_module, "parse_request", lambda kind, payload: _Request(payload["request_id"]))
+    store = Store(tmp_path / "node.db", background_checkpoints=False)
+    metrics = NodeMetrics()
+    yield ValidationService(node_id="node-1", cluster_id="c", driver=_driver(store, metrics), metrics=metrics,
+                            limits=ServiceLimits(100, 5.0, 5.0), cache=None)
+    store.close()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+def _sample(service: ValidationService, name: str, labels: dict[str, str] | None = None) -> float:
+    return service.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def test_late_vote_reaches_the_answer_and_the_confidence_metric(service: ValidationService) -> None:
+    async def run() -> dict[str, Any]:
+        driver = service.driver
+        task = asyncio.create_task(service._validate_traced("proofs", {"request_id": "a"}, _Span()))
+        await _until(lambda: "a" in driver._waiters)
+        driver._apply([_final("a", 3, seq=1)])  # the 2f+1 quorum
+        await _until(lambda: "a" in driver._vote_events)  # the service waits for the last vote
+        driver._apply([_final("a", 4, seq=1, late=True)])
+        return await task
+
+    answer = asyncio.run(run())
+    assert answer["metrics"]["validator_nodes"] == 4 and answer["metrics"]["confidence_level"] == 1.0
+    assert _sample(service, "hypermesh_result_confidence_count") == 1
+    assert _sample(service, "hypermesh_result_confidence_sum") == 1.0  # not the quorum's 0.75
+
+
+def test_only_consecutive_short_answers_stop_the_grace_wait(service: ValidationService) -> None:
+    service.limits = ServiceLimits(100, 5.0, 0.001)  # short answers run out of grace at once
+
+    async def answer(request_id: str, agreeing: int, seq: int) -> None:
+        task = asyncio.create_task(service._validate_traced("proofs", {"request_id": request_id}, _Span()))
+        await _until(lambda: request_id in service.driver._waiters)
+        service.driver._apply([_final(request_id, agreeing, seq)])
+        await task
+
+    async def run() -> list[int]:
+        runs = []
+        for i, agreeing in enumerate([3, 4, 3, 4, 3, 3]):
+            await answer(f"c{i}", agreeing, seq=10 + i)
+            runs.append(service._short_results)
+        return runs
+
+    assert asyncio.run(run()) == [1, 0, 1, 0, 1, 2]
+    assert service._should_wait_for_votes()  # two in a row: still waiting
+
+
+def test_a_handler_crash_is_counted_and_audited(service: ValidationService) -> None:
+    async def crash(payload: Any, ctx: Any) -> Any:
+        raise KeyError("a bug")
+
+    handler = wrap_handler(service, "consensus/validate_proofs", crash)
+    with pytest.raises(KeyError):
+        asyncio.run(handler({"request_id": "e"}, _Ctx()))
+    assert _sample(service, "hypermesh_errors_total", {"code": "HandlerError"}) == 1
+    service.driver.store.flush_audit()
+    rows = service.driver.store._db.execute("SELECT outcome FROM audit WHERE request_id = 'e'").fetchall()
+    assert rows == [("error:HandlerError",)]
