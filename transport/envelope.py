@@ -169,13 +169,13 @@ def _check_metadata(value: Any) -> dict[str, str]:
 def _check_map(value: Any, allowed: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _invalid("envelope", f"must be a msgpack map, got {type(value).__name__}")
-    for key in value:
-        if not isinstance(key, str) or key not in allowed:
-            raise _invalid("envelope", f"unknown field {key!r}")
     # Version first: a future envelope shape must report the version, not a field.
     if "v" not in value:
         raise _invalid("v", "missing")
     _check_version(value["v"])
+    for key in value:
+        if not isinstance(key, str) or key not in allowed:
+            raise _invalid("envelope", f"unknown field {key!r}")
     for name in required:
         if name not in value:
             raise _invalid(name, "missing")

@@ -92,7 +92,8 @@ class _PeerProtocol(CoalescingProtocol):
         self._die("socket closed")
 
     def _die(self, reason: str) -> None:
-        if self.dead is None:
+        first = self.dead is None
+        if first:
             self.dead = reason
         if not self.handshake.done():
             self.handshake.set_exception(ConnectionError(reason))
@@ -100,7 +101,10 @@ class _PeerProtocol(CoalescingProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._wake()
+        # Wake the link once, on the transition to dead: shutdown() and the later
+        # connection_lost() come here again, and must not disturb the next attempt.
+        if first:
+            self._wake()
 
     def shutdown(self) -> None:
         if self.dead is None:
@@ -171,7 +175,9 @@ class _PeerLink:
                 self._down(protocol.dead or "closed")
             if mesh._stopping:
                 return
-            await self._wait(backoff * (1 + random.random() * 0.5))
+            # A plain sleep: nothing may cut the backoff short (a late wake-up from the
+            # dead connection would make it a busy redial); stop() cancels this task.
+            await asyncio.sleep(backoff * (1 + random.random() * 0.5))
             backoff = min(backoff * 2, mesh.max_backoff_s)
             if self.stats.state == "down":
                 self.stats.state = "connecting"

@@ -139,14 +139,6 @@ class ServerStats:
     peer_frames: int = 0
 
 
-class _StreamState:
-    __slots__ = ("buffer", "done")
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.done = False
-
-
 class _ServerProtocol(CoalescingProtocol):
     def __init__(self, quic: StoqQuicConnection, server: StoqServer, addr: tuple[Any, ...]) -> None:
         super().__init__(quic)
@@ -158,7 +150,11 @@ class _ServerProtocol(CoalescingProtocol):
         self._resumed: _Ticket | None = None
         self._issued: list[SessionTicket] = []
         self._held: list[events.QuicEvent] = []
-        self._streams: dict[int, _StreamState] = {}
+        self._streams: dict[int, bytearray] = {}  # request bytes received so far, until FIN
+        # Streams refused as oversized before their FIN: the rest of their bytes is
+        # ignored. An id leaves at FIN or reset; until then aioquic holds the stream
+        # open, so stream credit (max_streams_per_connection) bounds this set.
+        self._refused: set[int] = set()
         self._decoders: dict[int, FrameDecoder] = {}
 
     # session tickets (called synchronously by aioquic's TLS engine)
@@ -189,6 +185,7 @@ class _ServerProtocol(CoalescingProtocol):
         if isinstance(event, events.ConnectionTerminated):
             self._closed_flag = True
             self._streams.clear()
+            self._refused.clear()
             self._decoders.clear()
             return
         if not self._authorized:
@@ -207,6 +204,7 @@ class _ServerProtocol(CoalescingProtocol):
                 self._api_data(event)
         elif isinstance(event, events.StreamReset):
             self._streams.pop(event.stream_id, None)
+            self._refused.discard(event.stream_id)
             self._decoders.pop(event.stream_id, None)
 
     def _reject(self, reason: str) -> None:
@@ -271,37 +269,37 @@ class _ServerProtocol(CoalescingProtocol):
 
     # client API
     def _api_data(self, event: events.StreamDataReceived) -> None:
-        state = self._streams.get(event.stream_id)
-        if state is None:
-            state = self._streams[event.stream_id] = _StreamState()
-        if state.done:
+        stream_id = event.stream_id
+        if stream_id in self._refused:
+            # Already answered: bytes that were in flight are never executed.
+            if event.end_stream:
+                self._refused.discard(stream_id)
             return
-        state.buffer += event.data
+        buffer = self._streams.setdefault(stream_id, bytearray())
+        buffer += event.data
         limit = self._server.limits.max_envelope_bytes
-        if len(state.buffer) > limit:
-            state.done = True
-            state.buffer = bytearray()
+        if len(buffer) > limit:
+            del self._streams[stream_id]
+            if not event.end_stream:
+                self._refused.add(stream_id)
             self._server._count(ErrorCode.InvalidRequest)
             error = ApiError(ErrorCode.InvalidRequest, f"envelope: request exceeds the limit of {limit} bytes")
             # Answer, and tell the client to stop sending the rest.
-            self._send_response(event.stream_id, Response.failure("", error))
+            self._send_response(stream_id, Response.failure("", error))
             try:
-                self._quic.stop_stream(event.stream_id, STREAM_TOO_LARGE)
+                self._quic.stop_stream(stream_id, STREAM_TOO_LARGE)
             except ValueError:
                 pass
             return
         if event.end_stream:
-            state.done = True
-            data = bytes(state.buffer)
-            state.buffer = bytearray()
-            self._server._spawn(self._handle(event.stream_id, data))
+            del self._streams[stream_id]
+            self._server._spawn(self._handle(stream_id, bytes(buffer)))
 
     async def _handle(self, stream_id: int, data: bytes) -> None:
         response = await self._server._answer(data, self)
         self._send_response(stream_id, response)
 
     def _send_response(self, stream_id: int, response: Response) -> None:
-        self._streams.pop(stream_id, None)
         if self._closed_flag:
             return
         limit = self._server.limits.max_envelope_bytes
@@ -312,8 +310,10 @@ class _ServerProtocol(CoalescingProtocol):
             data = encode_response(Response.failure(response.request_id, exc), max_bytes=limit)
         try:
             self._quic.send_stream_data(stream_id, data, end_stream=True)
-        except (ValueError, AssertionError):
-            return  # the client reset the stream meanwhile
+        except (ValueError, AssertionError, RuntimeError):
+            # The client stopped the stream meanwhile (aioquic: RuntimeError after a
+            # STOP_SENDING reset, ValueError once the stream is discarded).
+            return
         self.flush_soon()
 
 

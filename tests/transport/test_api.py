@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from cryptography import x509
 
 from transport.client import StoqClient
-from transport.envelope import ApiError, ErrorCode
+from transport.envelope import ApiError, ErrorCode, Response
 from transport.quic import ALPN_API, wait_until
-from transport.server import CallContext, HandlerRegistry, Limits, SessionTicketStore, StoqServer
+from transport.server import CallContext, HandlerRegistry, Limits, SessionTicketStore, StoqServer, _ServerProtocol
 from transport.tls import TlsConfig
 
 from .conftest import Pki, run
@@ -152,6 +154,74 @@ def test_oversized_request_rejected_and_connection_survives(pki: Pki) -> None:
                 assert client.stats.connections_opened == 1
 
     run(body())
+
+
+def test_bytes_in_flight_after_an_oversized_refusal_are_not_executed(pki: Pki) -> None:
+    """PROTOCOL.md §2.1: past max_envelope_bytes the server stops reading. Bytes the
+    client had already sent on that stream (here a whole envelope and the FIN) must not
+    reach a handler, and answering must raise nothing in a server task."""
+    async def body() -> None:
+        import msgpack
+
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        ran: list[Any] = []
+
+        async def record(payload: Any, ctx: CallContext) -> Any:
+            ran.append(payload)
+            return "ok"
+
+        limits = Limits(max_envelope_bytes=100_000)
+        async with serving(pki.tls("node-1"), _registry(record=record), limits) as server:
+            async with _client(pki, server.port, max_datagram_size=1200) as client:
+                protocol = await client._connection(5.0)
+                quic = protocol._quic
+                stream_id = quic.get_next_available_stream_id()
+                refused: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+                protocol._pending[stream_id] = (refused, bytearray())
+                # Just under the limit; wait until acknowledged so that what follows is
+                # sent at once, each write in its own packet (own STREAM frame).
+                quic.send_stream_data(stream_id, b"\xc0" * 99_990)
+                protocol.transmit()
+                sender = quic._streams[stream_id].sender
+                assert await wait_until(lambda: sender._buffer_start == 99_990, 5.0)
+                quic.send_stream_data(stream_id, b"\xc0" * 20)  # crosses the limit
+                protocol.transmit()
+                tail = msgpack.packb({"v": 1, "id": "tail", "path": "record", "payload": "tail"})
+                quic.send_stream_data(stream_id, tail, end_stream=True)  # in flight before the refusal
+                protocol.transmit()
+                response = client._decode(await asyncio.wait_for(refused, 5.0), "")
+                assert response.error is not None and response.error.code == ErrorCode.InvalidRequest
+                # A later request on the same connection is handled after the tail arrived.
+                _, probe = protocol.start_request(msgpack.packb({"v": 1, "id": "probe", "path": "record",
+                                                                 "payload": "probe"}))
+                assert client._decode(await asyncio.wait_for(probe, 5.0), "probe").payload == "ok"
+                assert ran == ["probe"]
+                assert server.stats.requests == 1
+                assert server.stats.errors == {ErrorCode.InvalidRequest: 1}
+                # The refused stream ended (FIN): the connection no longer remembers it.
+                assert server._endpoint is not None
+                assert all(not p._refused for p in server._endpoint.live())
+        gc.collect()  # an unretrieved task exception is reported when the task is freed
+        assert errors == []
+
+    run(body())
+
+
+def test_answer_on_a_stream_the_client_stopped_is_dropped_quietly() -> None:
+    """aioquic raises RuntimeError for a write after STOP_SENDING reset the stream."""
+    def refuse(stream_id: int, data: bytes, end_stream: bool) -> None:
+        raise RuntimeError("Cannot send data after the stream was reset")
+
+    protocol = object.__new__(_ServerProtocol)
+    protocol._closed_flag = False
+    protocol._streams = {}
+    protocol._server = SimpleNamespace(limits=Limits())  # type: ignore[assignment]
+    protocol._quic = SimpleNamespace(send_stream_data=refuse)  # type: ignore[assignment]
+    flushed: list[bool] = []
+    protocol.flush_soon = lambda: flushed.append(True)  # type: ignore[method-assign]
+    protocol._send_response(0, Response.success("r", "late"))  # must not raise
+    assert flushed == []
 
 
 def test_invalid_envelope_on_the_wire_names_the_field(pki: Pki) -> None:

@@ -98,6 +98,16 @@ def test_unknown_version_is_reported_with_both_versions() -> None:
     assert error.message == f"v: unsupported protocol version 7 (this server speaks {PROTOCOL_VERSION})"
 
 
+def test_version_is_checked_before_unknown_fields() -> None:
+    # A newer envelope may add fields: the client must learn the version is the problem.
+    error = _expect_invalid(_pack({"v": 2, "id": "r", "path": "p", "trace_ctx": {}}), "v:")
+    assert error.message == f"v: unsupported protocol version 2 (this server speaks {PROTOCOL_VERSION})"
+    _expect_invalid(_pack({"id": "r", "path": "p", "extra": 1}), "v: missing")
+    with pytest.raises(ApiError) as info:
+        decode_response(_pack({"v": 2, "request_id": "r", "ok": True, "trace_ctx": {}}))
+    assert info.value.message.startswith("v: unsupported protocol version 2"), info.value.message
+
+
 def test_truncated_envelope() -> None:
     data = _pack(_raw())
     for cut in (1, len(data) // 2, len(data) - 1):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass, field
 
-from transport.peers import PeerAddress, PeerMesh
+import pytest
+
+from transport.peers import PeerAddress, PeerMesh, _PeerLink, _PeerProtocol
 from transport.quic import wait_until
 from transport.server import HandlerRegistry, Limits, StoqServer
 from transport.tls import TlsConfig
@@ -277,3 +280,42 @@ def test_a_peer_that_dials_again_gets_a_fresh_link_from_us(pki: Pki) -> None:
                 await node.stop()
 
     run(body(), timeout_s=30)
+
+
+def test_a_dead_peer_is_redialled_with_exponential_backoff(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PROTOCOL.md §4: 50 ms doubling to 2 s. A failed dial's own close must not end the
+    backoff early (it once did: a peer on a closed port was redialled every ~2 ms)."""
+    dials: list[float] = []
+    real_connect = _PeerLink._connect
+
+    async def counting_connect(self: _PeerLink) -> _PeerProtocol:
+        dials.append(asyncio.get_running_loop().time())
+        return await real_connect(self)
+
+    monkeypatch.setattr(_PeerLink, "_connect", counting_connect)
+
+    async def body() -> None:
+        node = Node("node-0", pki.tls("node-0"))
+        # A closed loopback port: each dial fails at once (ICMP port unreachable).
+        peers = {"node-1": PeerAddress(HOST, _closed_udp_port(), "node-1")}
+        await node.start_mesh(peers, backoff_s=0.05, max_backoff_s=2.0)
+        try:
+            assert await wait_until(lambda: len(dials) >= 5, 5.0), dials
+            assert "connect failed" in node.mesh.stats().peers["node-1"].last_error  # type: ignore[union-attr]
+            gaps = [b - a for a, b in zip(dials, dials[1:5])]
+            for gap, nominal in zip(gaps, (0.05, 0.1, 0.2, 0.4)):
+                assert gap >= nominal - 0.005, gaps  # jitter only lengthens a wait
+            # Over a 1.5 s window the schedule gives ~5 dials; a busy redial gives hundreds.
+            loop = asyncio.get_running_loop()
+            assert await wait_until(lambda: loop.time() >= dials[0] + 1.5, 5.0)
+            assert len([t for t in dials if t <= dials[0] + 1.5]) <= 10, len(dials)
+        finally:
+            await node.stop()
+
+    run(body())
+
+
+def _closed_udp_port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
