@@ -9,12 +9,15 @@ sealed to, a client certificate, and the manifest that ties them together.
 from __future__ import annotations
 
 import ipaddress
+import json
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from consensus.codec import DecodeError
 from consensus.crypto import kem_scheme
 from consensus.keys import generate_node_key
 from transport.tls import generate_ca, issue_certificate
@@ -29,6 +32,9 @@ from .manifest import (
     write_secret_bytes,
     write_secret_json,
 )
+
+if TYPE_CHECKING:
+    from consensus.validation import ValidationParams
 
 DEFAULT_ADDRESS_TEMPLATE = "[::1]:{port}"
 
@@ -69,6 +75,9 @@ def init_cluster(out: Path, options: InitOptions, progress: Callable[[str], None
             f"--nodes {options.nodes}: a cluster has n = 3f+1 validators (1, 4, 7, 10, ...); "
             f"{options.nodes} would tolerate no more faults than {3 * ((options.nodes - 1) // 3) + 1}"
         )
+    # Everything that can be refused is checked before anything is written or replaced.
+    kem_public, kem_private = kem_scheme("ML-KEM-1024").generate()
+    params = _validation_params(kem_public, options.validation_overrides)
     if (out / "manifest.json").exists():
         if not options.force:
             raise ManifestError(
@@ -84,16 +93,7 @@ def init_cluster(out: Path, options: InitOptions, progress: Callable[[str], None
     (out / "ca.pem").write_bytes(ca_cert)
     write_secret_bytes(out / "ca.key", ca_key)
 
-    progress("creating the cluster ML-KEM-1024 key (space proofs are sealed to it)")
-    kem_public, kem_private = kem_scheme("ML-KEM-1024").generate()
-
-    from consensus.validation import ValidationParams  # late: keeps `--help` fast
-
-    params = ValidationParams(kem_public_key=kem_public)
-    if options.validation_overrides:
-        wire = params.to_json_dict()
-        wire.update(dict(options.validation_overrides))
-        params = ValidationParams.from_json_dict(wire)
+    progress("made the cluster ML-KEM-1024 key (space proofs are sealed to it)")
 
     entries: list[NodeEntry] = []
     for index in range(1, options.nodes + 1):
@@ -137,12 +137,45 @@ def init_cluster(out: Path, options: InitOptions, progress: Callable[[str], None
     return manifest
 
 
+def _validation_params(kem_public: bytes, overrides: Sequence[tuple[str, object]]) -> ValidationParams:
+    """The default parameters with the cluster KEM key and the ``--param`` overrides;
+    a bad override is a ManifestError."""
+    from consensus.validation import ValidationParams  # late: keeps `--help` fast
+
+    params = ValidationParams(kem_public_key=kem_public)
+    if not overrides:
+        return params
+    wire = params.to_json_dict()
+    wire.update(dict(overrides))
+    try:
+        return ValidationParams.from_json_dict(wire)
+    except DecodeError as exc:
+        raise ManifestError(f"--param: {exc.field}: {exc.message}") from None
+
+
+def _param_value(name: str, text: str) -> object:
+    """true/false -> bool, [..] -> JSON list, digits -> int, anything else stays a string."""
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"--param {name}: not a JSON list ({exc.msg}); e.g. {name}='[\"a\", \"b\"]'") from None
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
 def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, object], ...]:
-    """``--param min_stake=5000`` style overrides of validation parameters."""
+    """``--param min_stake=5000`` / ``allow_wildcards=false`` / ``accepted_ec_curves=["secp384r1"]``
+    overrides of validation parameters."""
     parsed: list[tuple[str, object]] = []
     for item in items:
         name, sep, value = item.partition("=")
+        name = name.strip()
         if not sep or not name:
             raise ManifestError(f"--param {item!r}: expected NAME=VALUE")
-        parsed.append((name.strip(), int(value) if value.strip().lstrip("-").isdigit() else value.strip()))
+        parsed.append((name, _param_value(name, value)))
     return tuple(parsed)

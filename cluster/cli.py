@@ -146,22 +146,35 @@ async def _with_client(args: argparse.Namespace, work: Any) -> Any:
         return await work(client)
 
 
+VALIDATE_PATHS = ("consensus/validate_proofs", "consensus/validate_certificate")
+STATUS_PATH = "consensus/validation_status"
+
+
 def cmd_call(args: argparse.Namespace) -> int:
-    payload = load_payload(args.payload, args.payload_file)
-
-    async def work(client: Any) -> Any:
-        if args.path in ("consensus/validate_proofs", "consensus/validate_certificate"):
-            return await client._validate(args.path, payload, args.timeout)  # verifies the certificate
-        if args.node:
-            return await client.call_node(args.node, args.path, payload)
-        return await client.call(args.path, payload)
-
     from transport.envelope import ApiError
 
-    from .client import UnverifiedResult
+    from .client import FINAL_STATUSES, UnverifiedResult
+
+    payload = load_payload(args.payload, args.payload_file)
+    request_id = payload.get("request_id") if isinstance(payload, dict) else None
+    if args.path == STATUS_PATH and not isinstance(request_id, str):
+        print('error: consensus/validation_status needs a payload {"request_id": "..."}', file=sys.stderr)
+        return 2
+
+    async def work(client: Any) -> tuple[Any, bool]:
+        """The answer, and whether its certificate was verified."""
+        if args.path in VALIDATE_PATHS:  # the client verifies the certificate or raises
+            validate = client.validate_certificate if args.path.endswith("certificate") else client.validate_proofs
+            return await validate(payload, args.timeout, args.node), True
+        if args.path == STATUS_PATH:  # verified (or raises) exactly when the answer is final
+            result = await client.validation_status(request_id, args.node)
+            return result, isinstance(result, dict) and result.get("status") in FINAL_STATUSES
+        if args.node:
+            return await client.call_node(args.node, args.path, payload), False
+        return await client.call(args.path, payload), False
 
     try:
-        result = asyncio.run(_with_client(args, work))
+        result, verified = asyncio.run(_with_client(args, work))
     except ApiError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return 2
@@ -171,10 +184,11 @@ def cmd_call(args: argparse.Namespace) -> int:
     if args.raw:
         sys.stdout.buffer.write(msgpack.packb(result, use_bin_type=True))
     else:
-        if isinstance(result, dict) and not args.full:
-            result = {k: v for k, v in result.items() if k not in ("result", "certificate")} | (
-                {"certificate": "verified"} if "certificate" in result else {}
-            )
+        if isinstance(result, dict) and not args.full and "certificate" in result:
+            # Say "verified" only for a certificate this client really checked.
+            result = {k: v for k, v in result.items() if k not in ("result", "certificate")} | {
+                "certificate": "verified" if verified else "not verified"
+            }
         print(json.dumps(to_json(result), indent=2))
     return 0
 
@@ -227,12 +241,13 @@ def cmd_evidence(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
+def _client_options(parser: argparse.ArgumentParser, timeout_s: float = 30.0) -> None:
     parser.add_argument("--cluster", default=DEFAULT_CLUSTER_DIR, metavar="DIR",
                         help=f"cluster directory with manifest.json and ca.pem (default: {DEFAULT_CLUSTER_DIR}, or $HYPERMESH_CLUSTER)")
     parser.add_argument("--endpoint", action="append", metavar="HOST:PORT",
                         help="connect here instead of the manifest's addresses (repeatable; e.g. [::1]:9292)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="per-call timeout (default 30)")
+    parser.add_argument("--timeout", type=float, default=timeout_s, metavar="SECONDS",
+                        help=f"per-call timeout (default {timeout_s:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--extra-dns", action="append", metavar="NAME",
                       help="extra DNS name in every node certificate (default 'consensus', the shared service alias)")
     init.add_argument("--param", action="append", metavar="NAME=VALUE",
-                      help="override a validation parameter, e.g. min_stake=5000 or work_difficulty_bits=16")
+                      help="override a validation parameter (repeatable): an integer, true/false, or a JSON list, "
+                      "e.g. min_stake=5000, allow_wildcards=false, accepted_ec_curves='[\"secp384r1\"]'")
     init.add_argument("--force", action="store_true", help="replace an existing cluster's keys")
     init.set_defaults(func=cmd_cluster_init)
 
@@ -301,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     call = sub.add_parser(
         "call", help="call an endpoint on the cluster and print the answer as JSON",
-        description="Send one request. For validate_* the result certificate is verified against the manifest "
-        "before anything is printed. Bytes are shown as 'base64:...' strings and may be given the same way.",
+        description="Send one request. For validate_* and a final validation_status the result certificate is "
+        "verified against the manifest before anything is printed (exit 3 when it does not verify); other paths "
+        "print 'certificate': 'not verified'. Bytes are shown as 'base64:...' strings and may be given the same "
+        "way, as 'hypermesh proofs make' writes them.",
         epilog="Examples:\n"
         "  hypermesh call consensus/health\n"
         "  hypermesh call consensus/validate_proofs --payload-file p.msgpack\n"
@@ -313,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("path", help="endpoint path, e.g. consensus/validate_proofs")
     call.add_argument("--payload", metavar="JSON", help="payload as JSON")
     call.add_argument("--payload-file", metavar="FILE", help="payload file: .msgpack, or JSON ('-' reads stdin)")
-    call.add_argument("--node", metavar="ID", help="ask this node only (no failover)")
+    call.add_argument("--node", metavar="ID", help="ask this node only (no failover), also while waiting for a result")
     call.add_argument("--full", action="store_true", help="also print the certified result bytes and certificate")
     call.add_argument("--raw", action="store_true", help="write the answer as msgpack to stdout")
     _client_options(call)
@@ -327,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="exit 0 when the node answers consensus/health healthy (for health checks)",
                             epilog="Example: hypermesh health --cluster /cluster --endpoint [::1]:9292")
     health.add_argument("-v", "--verbose", action="store_true", help="print the whole health document")
-    _client_options(health)
-    health.set_defaults(func=cmd_health, timeout=5.0)
+    _client_options(health, timeout_s=5.0)  # a health probe must answer fast
+    health.set_defaults(func=cmd_health)
 
     evidence = sub.add_parser("evidence", help="Byzantine evidence a node has recorded (signed, re-checkable)")
     evidence.add_argument("--node", metavar="ID", help="ask this node (default: any)")

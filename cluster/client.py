@@ -55,7 +55,8 @@ class ClusterClient:
         self._client_cert = client_cert
         self._clients: dict[str, StoqClient] = {}
         self.leader: str | None = None
-        self._results: dict[str, dict[str, Any]] | None = {} if cache_results else None
+        # (request_id, request digest) -> verified result
+        self._results: dict[tuple[str, bytes], dict[str, Any]] | None = {} if cache_results else None
         self._ids = itertools.count()
 
     @classmethod
@@ -159,57 +160,92 @@ class ClusterClient:
         ok, reason = verify_result_certificate(self.keyring, self.manifest.cluster_id, request_id, result, certificate)
         if not ok:
             raise UnverifiedResult(f"result certificate for {request_id} does not verify: {reason}")
-        outcome = decode_outcome(result)
-        if outcome.request_id != request_id or outcome.status != payload.get("status"):
-            raise UnverifiedResult(f"result fields for {request_id} do not match the certified result")
+        try:
+            outcome = decode_outcome(result)
+        except DecodeError as exc:
+            raise UnverifiedResult(f"the certified result for {request_id} is not an outcome: {exc}") from None
+        # Every readable outcome field must be exactly the certified one (type too: True == 1).
+        for name, certified in outcome.to_wire().items():
+            shown = payload.get(name)
+            if type(shown) is not type(certified) or shown != certified:
+                raise UnverifiedResult(f"{name} of {request_id} does not match the certified result")
         if request_digest is not None and outcome.request_digest != request_digest:
             raise UnverifiedResult(f"the certified result for {request_id} is about a different request than the one sent")
-        signers = len(certificate.get("signatures") or [])
-        metrics = payload.get("metrics") or {}
-        if not isinstance(metrics.get("validator_nodes"), int) or metrics["validator_nodes"] < signers:
-            raise UnverifiedResult(f"validator_nodes for {request_id} is lower than the certificate's signers")
+        self._check_metrics(request_id, payload.get("metrics"), certificate)
         return payload
 
-    async def _validate(self, path: str, payload: dict[str, Any], wait_s: float) -> dict[str, Any]:
+    def _check_metrics(self, request_id: str, metrics: Any, certificate: dict[str, Any]) -> None:
+        """The vote counts are not signed, but they must be consistent with the certificate
+        and the manifest, filled in as the node does (node/service.py result_payload)."""
+        n = self.manifest.n
+        signers = len(certificate.get("signatures") or [])
+        metrics = metrics if isinstance(metrics, dict) else {}
+        agreeing, total = metrics.get("validator_nodes"), metrics.get("total_validators")
+        if type(total) is not int or total != n:
+            raise UnverifiedResult(f"total_validators for {request_id} is not the manifest's {n}")
+        if type(agreeing) is not int or not signers <= agreeing <= n:
+            raise UnverifiedResult(
+                f"validator_nodes for {request_id} is not between the certificate's {signers} signers and {n}"
+            )
+        if metrics.get("confidence_level") != round(agreeing / n, 6):
+            raise UnverifiedResult(f"confidence_level for {request_id} is not validator_nodes / total_validators")
+        if metrics.get("seq") != certificate.get("seq"):
+            raise UnverifiedResult(f"seq for {request_id} is not the certified sequence number")
+
+    async def _ask(self, path: str, payload: Any, node_id: str | None) -> Any:
+        """One named node (no failover) when ``node_id`` is given, else any node."""
+        if node_id is not None:
+            return await self.call_node(node_id, path, payload)
+        return await self.call(path, payload)
+
+    async def _validate(
+        self, path: str, payload: dict[str, Any], wait_s: float, node_id: str | None = None
+    ) -> dict[str, Any]:
         request_id = payload.get("request_id") if isinstance(payload, dict) else None
         kind = "certificate" if path.endswith("validate_certificate") else "proofs"
         try:
-            request_digest: bytes | None = parse_request(kind, payload).digest
+            request_digest = parse_request(kind, payload).digest
         except DecodeError as exc:  # the node answers InvalidRequest naming the field
             raise ApiError(ErrorCode.InvalidRequest, f"{exc.field}: {exc.message}") from None
-        if self._results is not None and isinstance(request_id, str) and request_id in self._results:
-            return self._results[request_id]
-        result = await self.call(path, payload)
+        # Keyed by content too: a different request reusing an id must not get this result.
+        cache_key = (request_id, request_digest) if isinstance(request_id, str) else None
+        if self._results is not None and cache_key in self._results:
+            return self._results[cache_key]
+        result = await self._ask(path, payload, node_id)
         if isinstance(result, dict) and result.get("status") == "Pending" and isinstance(request_id, str):
-            result = await self.wait_final(request_id, wait_s)
+            result = await self.wait_final(request_id, wait_s, node_id)
         verified = self.verify_result(result, request_digest)
-        if self._results is not None and isinstance(request_id, str):
-            self._results[request_id] = verified
+        if self._results is not None and cache_key is not None:
+            self._results[cache_key] = verified
         return verified
 
-    async def validate_proofs(self, payload: dict[str, Any], wait_s: float = 60.0) -> dict[str, Any]:
-        return await self._validate("consensus/validate_proofs", payload, wait_s)
+    async def validate_proofs(
+        self, payload: dict[str, Any], wait_s: float = 60.0, node_id: str | None = None
+    ) -> dict[str, Any]:
+        return await self._validate("consensus/validate_proofs", payload, wait_s, node_id)
 
-    async def validate_certificate(self, payload: dict[str, Any], wait_s: float = 60.0) -> dict[str, Any]:
-        return await self._validate("consensus/validate_certificate", payload, wait_s)
+    async def validate_certificate(
+        self, payload: dict[str, Any], wait_s: float = 60.0, node_id: str | None = None
+    ) -> dict[str, Any]:
+        return await self._validate("consensus/validate_certificate", payload, wait_s, node_id)
 
     async def validation_status(self, request_id: str, node_id: str | None = None) -> dict[str, Any]:
-        payload = {"request_id": request_id}
-        if node_id is not None:
-            result = await self.call_node(node_id, "consensus/validation_status", payload)
-        else:
-            result = await self.call("consensus/validation_status", payload)
+        """The stored result (verified when final) or a ``Pending`` answer."""
+        result = await self._ask("consensus/validation_status", {"request_id": request_id}, node_id)
         if isinstance(result, dict) and result.get("status") in FINAL_STATUSES:
             self.verify_result(result)
+            # The certificate proves the result is about its own request_id, not about ours.
+            if result["request_id"] != request_id:
+                raise UnverifiedResult(f"asked for {request_id}, got a certified result for {result['request_id']}")
         return result
 
-    async def wait_final(self, request_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Poll ``validation_status`` until the request is final (backing off)."""
+    async def wait_final(self, request_id: str, timeout_s: float = 60.0, node_id: str | None = None) -> dict[str, Any]:
+        """Poll ``validation_status`` (of ``node_id`` only, if given) until the request is final (backing off)."""
         deadline = time.monotonic() + timeout_s
         delay = 0.05
         while True:
             try:
-                result = await self.call("consensus/validation_status", {"request_id": request_id})
+                result = await self._ask("consensus/validation_status", {"request_id": request_id}, node_id)
                 if isinstance(result, dict) and result.get("status") in FINAL_STATUSES:
                     return result
             except ApiError as exc:

@@ -23,16 +23,22 @@ from consensus.crypto import kem_scheme
 from consensus.proofs.params import ValidationParams
 from consensus.prover import FAULTS, HolderKeys, StorageCommitment, make_certificate_request, make_proof_set
 
+from .cli import to_json
+
 MAKE_EPILOG = """\
 examples:
-  # a valid proof set for consensus/validate_proofs, as JSON (bytes base64):
-  hypermesh proofs make --request-id req-1 --manifest cluster/manifest.json
+  # a valid proof set for consensus/validate_proofs, as JSON, sent with hypermesh call:
+  hypermesh proofs make --request-id req-1 --manifest cluster/manifest.json > p.json
+  hypermesh call consensus/validate_proofs --payload-file p.json
   # a TrustChain certificate request, msgpack payload written to a file:
   hypermesh proofs make --kind certificate --request-id cert-7 --common-name api.example.com \\
       --san api.example.com --san www.example.com --manifest cluster/manifest.json --out cert-7.msgpack
   # reuse one holder key (so the time chain continues) and break the space proof on purpose:
   hypermesh proofs keygen --scheme ML-DSA-65 --out holder.json
   hypermesh proofs make --request-id req-2 --key holder.json --broken space:path
+
+JSON output writes bytes as "base64:<standard base64>" strings, the form that
+`hypermesh call --payload`/`--payload-file` reads (and prints); --out writes msgpack.
 
 The manifest is JSON with a "validation" section (ValidationParams.to_json_dict()); a
 bare validation object works too. Without --manifest the defaults are used with a fresh
@@ -53,6 +59,7 @@ private key: keep it private. The holder id (time chain key) is printed to stder
 
 
 def _b64(value: Any) -> Any:
+    """Plain base64, for key files (``_load_holder`` reads them back)."""
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, dict):
@@ -132,7 +139,8 @@ def cmd_make(args: argparse.Namespace) -> int:
         Path(args.out).write_bytes(msgpack.packb(payload, use_bin_type=True))
         print(f"wrote {args.out}: msgpack payload for {endpoint}", file=sys.stderr)
     else:
-        json.dump(_b64(payload), sys.stdout, indent=2, sort_keys=True)
+        # The same "base64:..." form `hypermesh call --payload-file` reads.
+        json.dump(to_json(payload), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     return 0
 
@@ -181,7 +189,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     make.add_argument("--validity-days", type=int, default=90, help="certificate: requested validity (default 90)")
     make.add_argument("--csr", metavar="FILE", help="certificate: use this PKCS#10 CSR (PEM or DER) instead of a fresh EC P-256 one")
     make.add_argument("--broken", metavar="PROOF[:HOW]", help="deliberately break one proof (see the list below)")
-    make.add_argument("--out", metavar="FILE", help="write the msgpack payload here (default: JSON on stdout, bytes base64)")
+    make.add_argument("--out", metavar="FILE",
+                      help='write the msgpack payload here (default: JSON on stdout, bytes as "base64:..." strings)')
     make.set_defaults(func=cmd_make)
 
     keygen = sub.add_parser("keygen", help="make a holder (stake) key file", epilog=KEYGEN_EPILOG,

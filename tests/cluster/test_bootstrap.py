@@ -87,3 +87,32 @@ def test_cli_init_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--force" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["cluster", "init", "--nodes", "4", "--out", str(tmp_path / "x"), "--signing-scheme", "RSA"])
+
+
+def test_cli_init_params_take_booleans_lists_and_integers(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    assert main(["cluster", "init", "--nodes", "1", "--out", str(out), "--signing-scheme", "Ed25519",
+                 "--param", "allow_wildcards=false", "--param", "allow_ip_sans=True",
+                 "--param", 'accepted_ec_curves=["secp384r1"]', "--param", "min_stake=5000"]) == 0
+    params = load_manifest(out).validation_params()
+    assert params.allow_wildcards is False and params.allow_ip_sans is True
+    assert params.accepted_ec_curves == ("secp384r1",) and params.min_stake == 5000
+
+
+@pytest.mark.parametrize("param", ["allow_wildcards=maybe", "no_such_param=1", "accepted_ec_curves=[1]",
+                                   "accepted_ec_curves=[oops", "min_stake=-5"])
+def test_cli_init_refuses_a_bad_param_before_writing_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], param: str) -> None:
+    out = tmp_path / "c"
+    assert main(["cluster", "init", "--nodes", "1", "--out", str(out), "--param", param]) == 2
+    assert "--param" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_init_force_with_a_bad_param_keeps_the_existing_cluster(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    first = init_cluster(out, InitOptions(nodes=1, signing_scheme="Ed25519"))
+    argv = ["cluster", "init", "--nodes", "1", "--out", str(out), "--force", "--param", "allow_wildcards=maybe"]
+    assert main(argv) == 2
+    assert load_manifest(out).cluster_id == first.cluster_id
+    load_node_key(load_manifest(out), "node-1")  # the node keys are still there

@@ -2,54 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cluster.bootstrap import InitOptions, init_cluster
 from cluster.client import ClusterClient, UnverifiedResult
-from cluster.manifest import Manifest, load_node_key
-from consensus import merkle
-from consensus.certificate import result_leaf
-from consensus.messages import result_vote_bytes
-from consensus.validation import Outcome
+from cluster.manifest import Manifest
+from cluster.workload import ProofFactory
+from consensus.proofs.reasons import Reason
+from consensus.requests import parse_request
 
+from .replies import certificate_for, certified_reply
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
-    return init_cluster(tmp_path_factory.mktemp("c") / "cluster", InitOptions(nodes=4, signing_scheme="Ed25519"))
-
-
-def certified(manifest: Manifest, request_id: str, status: str = "Valid", signers: int = 3,
-              request_digest: bytes = b"\x11" * 32) -> dict[str, Any]:
-    """A reply as a node sends it: two results in one batch, signed by ``signers`` validators."""
-    result = Outcome(request_id, "proofs", status, (), 1_700_000_000_000, request_digest).encode()
-    other = Outcome("someone-else", "proofs", "Valid", (), 1_700_000_000_000, b"\x22" * 32).encode()
-    leaves = [result_leaf("someone-else", other), result_leaf(request_id, result)]
-    root = merkle.root(leaves)
-    message = result_vote_bytes(manifest.cluster_id, 7, root)
-    signatures = [[n.node_id, load_node_key(manifest, n.node_id).sign(message)] for n in manifest.nodes[:signers]]
-    return {
-        "request_id": request_id, "status": status, "result": result,
-        "metrics": {"validator_nodes": signers, "total_validators": 4, "confidence_level": signers / 4, "seq": 7},
-        "certificate": {"cluster_id": manifest.cluster_id, "seq": 7, "root": root, "size": 2, "index": 1,
-                        "path": merkle.inclusion_path(leaves, 1), "signatures": signatures},
-    }
+BAD_PATH = Reason("space", "space.bad_path", "answer 0 (chunk 5) does not verify against the root")
 
 
 def test_a_properly_certified_result_verifies(manifest: Manifest) -> None:
     client = ClusterClient(manifest)
-    reply = certified(manifest, "req-1", request_digest=hashlib.sha256(b"req").digest())
+    reply = certified_reply(manifest, "req-1", request_digest=hashlib.sha256(b"req").digest())
     assert client.verify_result(reply, hashlib.sha256(b"req").digest()) is reply
+
+
+def test_an_invalid_result_with_late_votes_verifies(manifest: Manifest) -> None:
+    # 3 signed the certificate, the 4th vote came later: validator_nodes 4, confidence 1.0.
+    reply = certified_reply(manifest, "req-1", status="Invalid", reasons=(BAD_PATH,), agreeing=4)
+    assert reply["metrics"]["confidence_level"] == 1.0
+    assert ClusterClient(manifest).verify_result(reply) is reply
 
 
 @pytest.mark.parametrize("tamper", ["short", "forged-signature", "duplicate-signer", "unknown-signer", "flipped-status",
                                     "other-request", "wrong-path", "other-cluster", "overclaimed-count", "swapped-request"])
 def test_every_kind_of_bad_certificate_is_refused(manifest: Manifest, tamper: str) -> None:
     client = ClusterClient(manifest)
-    reply = certified(manifest, "req-1", signers=2 if tamper == "short" else 3)
+    reply = certified_reply(manifest, "req-1", signers=2 if tamper == "short" else 3)
     cert = reply["certificate"]
     if tamper == "forged-signature":
         cert["signatures"][0][1] = bytes(64)
@@ -72,3 +59,76 @@ def test_every_kind_of_bad_certificate_is_refused(manifest: Manifest, tamper: st
             client.verify_result(reply, hashlib.sha256(b"what the client really sent").digest())
         else:
             client.verify_result(reply)
+
+
+def _set(reply: dict[str, Any], key: str, value: Any) -> None:
+    if key.startswith("metrics."):
+        reply["metrics"][key.removeprefix("metrics.")] = value
+    else:
+        reply[key] = value
+
+
+@pytest.mark.parametrize("field, value", [
+    ("reasons", [{"proof": "stake", "code": "stake.below_minimum", "message": "forged"}]),
+    ("reasons", []),
+    ("agreed_time_ms", 1),
+    ("request_digest", b"\x99" * 32),
+    ("kind", "certificate"),
+    ("kind", None),
+    ("metrics.total_validators", 99),
+    ("metrics.validator_nodes", 99),  # more validators than the cluster has
+    ("metrics.validator_nodes", True),  # True == 1 in Python; not a count
+    ("metrics.confidence_level", 0.5),
+    ("metrics.seq", 8),
+])
+def test_readable_fields_must_match_the_certified_result(manifest: Manifest, field: str, value: Any) -> None:
+    reply = certified_reply(manifest, "req-A", status="Invalid", reasons=(BAD_PATH,))
+    _set(reply, field, value)
+    with pytest.raises(UnverifiedResult):
+        ClusterClient(manifest).verify_result(reply)
+
+
+def test_certified_bytes_that_are_no_outcome_are_refused(manifest: Manifest) -> None:
+    reply = certified_reply(manifest, "req-1")
+    reply["result"] = b"\xc1"  # not msgpack, yet properly certified
+    reply["certificate"] = certificate_for(manifest, "req-1", b"\xc1")
+    with pytest.raises(UnverifiedResult):
+        ClusterClient(manifest).verify_result(reply)
+
+
+def test_validation_status_refuses_a_certified_result_for_another_request(manifest: Manifest,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    client = ClusterClient(manifest)
+    answers = {"req-MINE": certified_reply(manifest, "req-OTHER")}  # genuinely certified, wrong request
+
+    async def fake_call(path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+        return answers[payload["request_id"]]
+
+    monkeypatch.setattr(client, "call", fake_call)
+    with pytest.raises(UnverifiedResult, match="req-OTHER"):
+        asyncio.run(client.validation_status("req-MINE"))
+    answers["req-MINE"] = certified_reply(manifest, "req-MINE")
+    assert asyncio.run(client.validation_status("req-MINE"))["request_id"] == "req-MINE"
+
+
+def test_the_result_cache_tells_different_requests_with_one_id_apart(manifest: Manifest,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    factory = ProofFactory(manifest.validation_params())
+    first, second = factory.proofs("same-id"), factory.proofs("same-id")
+    digests = [parse_request("proofs", p).digest for p in (first, second)]
+    assert digests[0] != digests[1]
+    client = ClusterClient(manifest, cache_results=True)
+    sent: list[Any] = []
+
+    async def fake_call(path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+        sent.append(payload)
+        return certified_reply(manifest, payload["request_id"], request_digest=parse_request("proofs", payload).digest)
+
+    monkeypatch.setattr(client, "call", fake_call)
+
+    async def three_calls() -> list[dict[str, Any]]:
+        return [await client.validate_proofs(p) for p in (first, second, first)]
+
+    a, b, again = asyncio.run(three_calls())
+    assert a["request_digest"] == digests[0] and b["request_digest"] == digests[1]
+    assert again is a and len(sent) == 2  # the same request again still comes from the cache

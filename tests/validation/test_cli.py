@@ -3,7 +3,6 @@ subprocess to show the module runs stand-alone)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from cluster.cli import from_json
 from cluster.proofs_cli import main
 from consensus.validation import ValidationState, execute, parse_request, precheck
 
@@ -50,11 +50,9 @@ def test_make_certificate_json_stdout(manifest, cluster, capsys):
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert data["san_entries"] == ["api.example.com", "2001:db8::5"]
-    data["csr"] = base64.b64decode(data["csr"])  # JSON carries bytes as base64
-    for section, fields in (("work", ("challenge", "nonce")), ("stake", ("public_key", "signature")),
-                            ("space", ("root", "kem_ciphertext", "sealed"))):
-        for f in fields:
-            data["proofs"][section][f] = base64.b64decode(data["proofs"][section][f])
+    assert data["csr"].startswith("base64:")  # JSON carries bytes as "base64:..." (what `hypermesh call` reads)
+    data = from_json(data)
+    assert isinstance(data["csr"], bytes) and isinstance(data["proofs"]["stake"]["signature"], bytes)
     assert _validate(cluster, "certificate", data).status == "Valid"
 
 

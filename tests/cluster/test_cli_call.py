@@ -1,0 +1,153 @@
+"""``hypermesh call`` / ``health`` / ``proofs make`` through ``cluster.cli.main``, with the
+network replaced by a fake that records which route every call took."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from cluster.cli import build_parser, load_payload, main
+from cluster.client import ClusterClient
+from cluster.manifest import Manifest
+from cluster.workload import ProofFactory
+from consensus.requests import parse_request
+
+from .replies import certified_reply
+
+Answer = Callable[[str, Any], Any]
+
+
+class FakeCluster:
+    """Stands in for every node: ``answer(path, payload)`` gives the reply, ``routes``
+    records ``(node_id or "any", path)`` per call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, answer: Answer) -> None:
+        self.answer = answer
+        self.routes: list[tuple[str, str]] = []
+        fake = self
+
+        async def call(_client: Any, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+            fake.routes.append(("any", path))
+            return fake.answer(path, payload)
+
+        async def call_node(_client: Any, node_id: str, path: str, payload: Any = None,
+                            timeout_s: float | None = None) -> Any:
+            fake.routes.append((node_id, path))
+            return fake.answer(path, payload)
+
+        monkeypatch.setattr(ClusterClient, "call", call)
+        monkeypatch.setattr(ClusterClient, "call_node", call_node)
+
+
+def _forged(manifest: Manifest) -> dict[str, Any]:
+    reply = certified_reply(manifest, "req-1", signers=1)  # one signer, quorum is 3
+    reply["certificate"]["signatures"][0][1] = bytes(64)  # and that signature is garbage
+    return reply
+
+
+STATUS = ["call", "consensus/validation_status", "--payload", '{"request_id": "req-1"}']
+
+
+@pytest.mark.parametrize("bad", ["forged", "other-request"])
+def test_call_validation_status_refuses_an_unverifiable_result(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], bad: str) -> None:
+    reply = _forged(manifest) if bad == "forged" else certified_reply(manifest, "req-OTHER")
+    FakeCluster(monkeypatch, lambda _path, _payload: reply)
+    assert main([*STATUS, "--cluster", str(manifest.directory)]) == 3
+    captured = capsys.readouterr()
+    assert "verified" not in captured.out and "UNVERIFIED RESULT" in captured.err
+
+
+def test_call_validation_status_says_verified_after_checking(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeCluster(monkeypatch, lambda _path, _payload: certified_reply(manifest, "req-1"))
+    assert main([*STATUS, "--cluster", str(manifest.directory)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["certificate"] == "verified" and printed["request_id"] == "req-1"
+    assert fake.routes == [("any", "consensus/validation_status")]
+
+
+def test_call_validation_status_needs_a_request_id(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeCluster(monkeypatch, lambda _path, _payload: certified_reply(manifest, "req-1"))
+    assert main(["call", "consensus/validation_status", "--payload", "{}", "--cluster", str(manifest.directory)]) == 2
+    assert "request_id" in capsys.readouterr().err and fake.routes == []
+
+
+def test_other_paths_never_claim_a_verified_certificate(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    FakeCluster(monkeypatch, lambda _path, _payload: _forged(manifest))
+    assert main(["call", "cluster/status", "--node", "node-2", "--cluster", str(manifest.directory)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["certificate"] == "not verified"
+
+
+def _payload_file(tmp_path: Path, manifest: Manifest) -> tuple[Path, bytes]:
+    payload = ProofFactory(manifest.validation_params()).proofs("req-node")
+    path = tmp_path / "p.msgpack"
+    path.write_bytes(msgpack.packb(payload, use_bin_type=True))
+    return path, parse_request("proofs", payload).digest
+
+
+def test_call_validate_with_node_asks_only_that_node(
+        tmp_path: Path, manifest: Manifest, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path, digest = _payload_file(tmp_path, manifest)
+
+    def answer(endpoint: str, payload: Any) -> Any:
+        if endpoint == "consensus/validate_proofs":  # not final yet: the client must poll the same node
+            return {"request_id": payload["request_id"], "status": "Pending"}
+        return certified_reply(manifest, payload["request_id"], request_digest=digest)
+
+    fake = FakeCluster(monkeypatch, answer)
+    argv = ["call", "consensus/validate_proofs", "--node", "node-3", "--payload-file", str(path)]
+    assert main([*argv, "--cluster", str(manifest.directory)]) == 0
+    assert json.loads(capsys.readouterr().out)["certificate"] == "verified"
+    assert fake.routes == [("node-3", "consensus/validate_proofs"), ("node-3", "consensus/validation_status")]
+
+
+def test_call_validation_status_with_node_asks_only_that_node(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeCluster(monkeypatch, lambda _path, _payload: certified_reply(manifest, "req-1"))
+    assert main([*STATUS, "--node", "node-4", "--cluster", str(manifest.directory)]) == 0
+    assert fake.routes == [("node-4", "consensus/validation_status")]
+
+
+def test_health_help_states_the_real_default_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["health", "--help"])
+    assert exit_info.value.code == 0
+    assert "(default 5)" in capsys.readouterr().out
+    assert build_parser().parse_args(["health"]).timeout == 5.0
+    assert build_parser().parse_args(["status"]).timeout == 30.0
+
+
+def test_proofs_make_json_is_what_call_payload_file_reads(
+        tmp_path: Path, manifest: Manifest, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["proofs", "make", "--request-id", "pipe-1", "--scheme", "Ed25519",
+            "--manifest", str(manifest.directory / "manifest.json")]
+    assert main(argv) == 0
+    path = tmp_path / "p.json"
+    path.write_text(capsys.readouterr().out)
+    payload = load_payload(None, str(path))
+    request = parse_request("proofs", payload)  # raises if bytes fields came through as text
+    assert request.request_id == "pipe-1"
+
+    fake = FakeCluster(monkeypatch, lambda _p, sent: certified_reply(
+        manifest, sent["request_id"], request_digest=parse_request("proofs", sent).digest))
+    argv = ["call", "consensus/validate_proofs", "--payload-file", str(path), "--cluster", str(manifest.directory)]
+    assert main(argv) == 0
+    assert fake.routes == [("any", "consensus/validate_proofs")]
+    assert json.loads(capsys.readouterr().out)["certificate"] == "verified"
+
+
+def test_proofs_make_help_documents_the_json_bytes_form(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["proofs", "make", "--help"])
+    assert '"base64:' in capsys.readouterr().out
