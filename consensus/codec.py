@@ -60,6 +60,10 @@ def digest(value: Any) -> bytes:
     return hashlib.sha256(canonical_pack(value)).digest()
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"extension type {code} is not allowed")
+
+
 def unpack_bounded(data: bytes, *, max_size: int, field: str = "message", max_depth: int = MAX_DEPTH) -> Any:
     """Decode msgpack from an untrusted peer: size, container length, depth and map key
     types are all bounded, and extension types and trailing bytes are refused."""
@@ -78,6 +82,7 @@ def unpack_bounded(data: bytes, *, max_size: int, field: str = "message", max_de
             max_array_len=min(max_size, 100_000),
             max_map_len=min(max_size, 100_000),
             max_ext_len=0,
+            ext_hook=_refuse_ext,  # max_ext_len=0 still lets an empty extension through
         )
     except msgpack.ExtraData:
         raise DecodeError(field, "trailing bytes after the message") from None

@@ -45,10 +45,12 @@ def dns_name_problem(name: str) -> str | None:
 def normalize_name(name: str) -> tuple[str, str] | None:
     """('ip', canonical) or ('dns', lower-case), or None when neither is valid."""
     try:
-        return ("ip", str(ipaddress.ip_address(name)))
+        address = ipaddress.ip_address(name)
     except ValueError:
-        pass
-    return None if dns_name_problem(name) else ("dns", name.lower())
+        return None if dns_name_problem(name) else ("dns", name.lower())
+    if getattr(address, "scope_id", None) is not None:
+        return None  # 'fe80::1%eth0': a zone is local to one host, never a certificate name
+    return ("ip", str(address))
 
 
 def _name_reasons(name: str, where: str, params: ValidationParams) -> list[Reason]:
@@ -155,7 +157,9 @@ def _san_reasons(san_ext: x509.SubjectAlternativeName | None, request: Certifica
     names: set[tuple[str, str]] = set()
     for general in san_ext or []:
         if isinstance(general, x509.DNSName):
-            names.add(_key(general.value))
+            # A DNSName entry is only ever a DNS name: IP text in it matches no IP entry.
+            key = _key(general.value)
+            names.add(key if key[0] != "ip" else ("raw", general.value.lower()))
         elif isinstance(general, x509.IPAddress) and not isinstance(general.value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
             names.add(("ip", str(general.value)))
         else:

@@ -358,6 +358,8 @@ def decode(data: bytes, max_size: int = MAX_MESSAGE_BYTES) -> Message:
     _str(cluster_id, "message.cluster_id", 256)
     _str(signer, "message.signer", MAX_NODE_ID_CHARS)
     _bytes(signature, "message.signature", MAX_SIGNATURE_BYTES)
+    if kind in UNSIGNED_KINDS and signature:
+        raise DecodeError("message.signature", f"must be empty: {kind} is not a signed kind")
     if not isinstance(body, list):
         raise DecodeError(f"{kind}.body", "expected an array")
     payload = parser(body, kind)

@@ -245,7 +245,21 @@ def _proofs(value: Any) -> ProofSet:
     )
 
 
-_PEM_RE = re.compile(r"-----BEGIN (NEW )?CERTIFICATE REQUEST-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END (NEW )?CERTIFICATE REQUEST-----\s*")
+_PEM_LABELS = ("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST")
+# Linear: one character class over the body, no overlapping whitespace runs (the
+# former single regex backtracked cubically on a BEGIN line followed by spaces).
+_PEM_BODY_RE = re.compile(r"[A-Za-z0-9+/=\s]+")
+
+
+def _pem_body(text: str) -> str | None:
+    """The base64 body of exactly one PEM CSR block (BEGIN and END with the same label)."""
+    text = text.strip()
+    for label in _PEM_LABELS:
+        begin, end = f"-----BEGIN {label}-----", f"-----END {label}-----"
+        if text.startswith(begin) and text.endswith(end):
+            body = text[len(begin):-len(end)]
+            return body if _PEM_BODY_RE.fullmatch(body) else None
+    return None
 
 
 def _csr(value: Any) -> bytes:
@@ -254,11 +268,11 @@ def _csr(value: Any) -> bytes:
     if isinstance(value, str):
         if len(value) > 24_000:
             raise DecodeError("csr", "PEM longer than 24000 characters")
-        match = _PEM_RE.fullmatch(value.strip() + "\n")
-        if match is None:
+        body = _pem_body(value)
+        if body is None:
             raise DecodeError("csr", "expected DER bytes or one PEM 'CERTIFICATE REQUEST' block")
         try:
-            der = base64.b64decode("".join(match.group(2).split()), validate=True)
+            der = base64.b64decode("".join(body.split()), validate=True)
         except (binascii.Error, ValueError):
             raise DecodeError("csr", "PEM body is not valid base64") from None
         return _bytes(der, "csr", 1, 16384)

@@ -25,6 +25,11 @@ from .store import Store, StoredResult
 log = logging.getLogger("hypermesh.repair")
 
 
+def _small_int(value: Any) -> int:
+    """A peer's unsigned, informational number (the view): anything odd reads as 0."""
+    return value if type(value) is int and 0 <= value < 1 << 62 else 0
+
+
 class ResultRepair:
     def __init__(self, *, node_id: str, manifest: Any, store: Store, adopt: Callable[[StoredResult], None],
                  interval_s: float = 2.0, min_age_s: float = 5.0, per_round: int = 50) -> None:
@@ -74,7 +79,11 @@ class ResultRepair:
         adopted = 0
         for pending in self.store.list_pending(older_than_s=self.min_age_s, limit=self.per_round):
             for entry in peers:
-                stored = await self._fetch(entry, pending.request_id, pending.request_digest)
+                try:
+                    stored = await self._fetch(entry, pending.request_id, pending.request_digest)
+                except Exception as exc:  # one peer's odd answer must not stop the others' turn
+                    log.warning("%s: unusable answer about %s (%s)", entry.node_id, pending.request_id, exc)
+                    continue
                 if stored is not None and self.store.get_pending(pending.request_id) is not None:
                     self.adopt(stored)
                     adopted += 1
@@ -108,5 +117,5 @@ class ResultRepair:
         return StoredResult(
             request_id, request_digest, outcome.status, result, certificate,
             len(certificate.get("signatures") or []), self.manifest.n, int(certificate["seq"]),
-            int(answer.get("view") or 0), str(answer.get("leader") or ""),
+            _small_int(answer.get("view")), str(answer.get("leader") or "")[:128],
         )

@@ -179,3 +179,18 @@ def test_canonical_fast_path_keeps_the_encoding() -> None:
     expected = bytes.fromhex("82a16182a178c400a17990a1629601c40178a173c0c392029203"
                              "82a161fba17a01")
     assert codec.canonical_pack(value) == expected
+
+
+def test_unsigned_kinds_must_carry_an_empty_signature() -> None:
+    """messages.py: unsigned kinds "carry an empty signature"; junk there is refused,
+    not carried along (up to 8 KiB per forwarded request)."""
+    from consensus.messages import MAGIC, FetchView, decode, encode
+
+    wire = encode("c", "node-1", FetchView(3))
+    assert decode(wire).payload == FetchView(3)
+    magic, kind, cluster_id, signer, body, _ = codec.unpack_bounded(wire, max_size=1 << 16)
+    assert magic == MAGIC
+    padded = codec.canonical_pack([magic, kind, cluster_id, signer, body, b"\x00" * 8192])
+    with pytest.raises(codec.DecodeError) as err:
+        decode(padded)
+    assert err.value.field == "message.signature"

@@ -130,3 +130,22 @@ def test_key_checks(cluster, mldsa):
 
 def test_malformed_csr(cluster, mldsa):
     assert codes(cluster, mldsa, common_name="a.example.com", csr=b"\x30\x03\x02\x01\x00") == ["csr.malformed"]
+
+
+def test_scoped_ipv6_is_no_certificate_name(cluster, mldsa):
+    """'fe80::1%zone' parses as an IP in Python, but a zone is local to one host."""
+    assert normalize_name("fe80::1%eth0") is None
+    assert normalize_name("::1%evil.example.com") is None
+    assert "csr.invalid_dns_name" in codes(cluster, mldsa, common_name="ok.example.com",
+                                           san_entries=["ok.example.com", "fe80::1%eth0"])
+
+
+def test_ip_text_in_a_dns_name_entry_does_not_match_an_ip_entry(cluster, mldsa):
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a.example.com")]))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName("a.example.com"), x509.DNSName("192.0.2.7")]),
+                          critical=False)
+           .sign(key, hashes.SHA256()).public_bytes(Encoding.DER))
+    assert codes(cluster, mldsa, common_name="a.example.com", san_entries=["a.example.com", "192.0.2.7"],
+                 csr=csr) == ["csr.san_mismatch"]

@@ -89,6 +89,7 @@ BAD_CERT = [
     ("validity_days", "90", "validity_days", "expected an integer"),
     ("csr", "not a pem", "csr", "PEM"),
     ("csr", "-----BEGIN CERTIFICATE REQUEST-----\n!!!!\n-----END CERTIFICATE REQUEST-----", "csr", "PEM"),
+    ("csr", "-----BEGIN NEW CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----", "csr", "PEM"),
     ("csr", b"\x00" * 16385, "csr", "outside"),
     ("csr", 12, "csr", "expected bytes"),
 ]
@@ -209,3 +210,37 @@ def test_seeded_mutation_fuzz_only_decode_errors_escape(cluster, proofs_payload,
             outcomes["error"] += 1
         assert len(app.execute_batch(2, [bytes(data)], NOW)) == 1  # never raises
     assert outcomes["error"] > 100 and outcomes["ok"] > 0
+
+
+def test_pem_without_end_line_is_refused_in_linear_time() -> None:
+    """A BEGIN line and a run of whitespace with no END line: the former regex took
+    ~30 s for 4,000 spaces (cubic backtracking; `re` holds the GIL, so the node's event
+    loop stood still). Run in a child process with a generous deadline, so a regression
+    fails instead of hanging the suite."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from consensus.codec import DecodeError\n"
+        "from consensus.requests import _csr\n"
+        "try:\n"
+        "    _csr('-----BEGIN CERTIFICATE REQUEST-----' + ' ' * 23000 + '\\nAAAA')\n"
+        "except DecodeError as exc:\n"
+        "    print(exc.message)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert "PEM" in done.stdout, done.stderr
+
+
+def test_bytes_with_an_extension_type_are_refused() -> None:
+    from consensus.codec import unpack_bounded
+
+    for data in (b"\xc7\x00\x05", msgpack.packb([1, msgpack.ExtType(5, b"")]),
+                 msgpack.packb({"v": 1, "kind": "proofs", "payload": msgpack.ExtType(1, b"")})):
+        with pytest.raises(DecodeError) as err:
+            unpack_bounded(data, max_size=100)
+        assert "extension type" in err.value.message  # not let through when empty (max_ext_len=0)
+    with pytest.raises(DecodeError):
+        decode_request(msgpack.packb({"v": 1, "kind": "proofs", "payload": msgpack.ExtType(1, b"")}))
