@@ -60,7 +60,7 @@ class ReplicaDriver:
         metrics: NodeMetrics,
         send: Callable[[str | None, bytes], None],
         byzantine: str | None = None,
-        tick_interval_s: float = 0.01,
+        tick_interval_s: float = 0.025,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -262,7 +262,7 @@ class ReplicaDriver:
 
     def _arm_batch_timer(self) -> None:
         """A partial batch goes out when it is due (``batch_max_delay_ms`` after its
-        oldest request arrived), not at the next 10 ms tick: the tick alone added 0-10 ms
+        oldest request arrived), not at the next tick: with a 10 ms tick that added 0-10 ms
         to every request at low load."""
         deadline = self.replica.batch_deadline_ms()
         if deadline == self._batch_timer_at:
