@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -29,9 +30,17 @@ def say(message: str) -> None:
 def ensure_environment() -> None:
     if sys.version_info < (3, 11):
         sys.exit(f"[dev] Python >= 3.11 is needed, this is {sys.version.split()[0]}")
+    if (BIN / "python").exists() and not _has_pip():
+        say(".venv has no pip (an interrupted first run?): creating it again")
+        shutil.rmtree(VENV)
     if not (BIN / "python").exists():
         say(f"creating virtualenv {VENV}")
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        try:
+            venv.EnvBuilder(with_pip=True).create(VENV)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            shutil.rmtree(VENV, ignore_errors=True)  # never leave a venv without pip behind
+            sys.exit(f"[dev] could not create {VENV} with pip ({exc}); on Debian/Ubuntu install "
+                     "the python3-venv package (e.g. apt install python3.11-venv) and run this again")
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text().strip() == wanted:
         return
@@ -41,6 +50,11 @@ def ensure_environment() -> None:
     subprocess.run(pip + ["install", "--quiet", "-e", f"{ROOT}[test]"], check=True)
     STAMP.write_text(wanted + "\n")
     say("environment ready")
+
+
+def _has_pip() -> bool:
+    return subprocess.call([str(BIN / "python"), "-c", "import pip"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
 
 
 def run(argv: list[str]) -> int:
@@ -61,18 +75,21 @@ def main() -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start a local cluster (extra arguments go to 'hypermesh up')")
-    up.add_argument("args", nargs=argparse.REMAINDER)
-    test = sub.add_parser("test", help="run the whole test suite (extra arguments go to pytest)")
-    test.add_argument("args", nargs=argparse.REMAINDER)
-    shell = sub.add_parser("env", help="only create/refresh .venv")
-    del shell
-    options = parser.parse_args()
+    sub.add_parser("up", help="start a local cluster (extra arguments go to 'hypermesh up', e.g. --nodes 7)")
+    sub.add_parser("test", help="run the whole test suite (extra arguments go to pytest, e.g. -k proofs)")
+    sub.add_parser("env", help="only create/refresh .venv")
+    # Only the command is ours: everything after it goes, verbatim, to the tool it runs
+    # (argparse would take '-k' or '--nodes' for options of its own and refuse them).
+    argv = sys.argv[1:]
+    options = parser.parse_args(argv[:1])
+    extra = argv[1:]
+    if options.command == "env" and extra:
+        parser.error(f"env takes no arguments (got {' '.join(extra)})")
     ensure_environment()
     if options.command == "up":
-        return run([str(BIN / "hypermesh"), "up", *options.args])
+        return run([str(BIN / "hypermesh"), "up", *extra])
     if options.command == "test":
-        return run([str(BIN / "python"), "-m", "pytest", *options.args])
+        return run([str(BIN / "python"), "-m", "pytest", *extra])
     return 0
 
 

@@ -28,11 +28,11 @@ from .cli import to_json
 MAKE_EPILOG = """\
 examples:
   # a valid proof set for consensus/validate_proofs, as JSON, sent with hypermesh call:
-  hypermesh proofs make --request-id req-1 --manifest cluster/manifest.json > p.json
+  hypermesh proofs make --request-id req-1 --manifest .cluster/manifest.json > p.json
   hypermesh call consensus/validate_proofs --payload-file p.json
   # a TrustChain certificate request, msgpack payload written to a file:
   hypermesh proofs make --kind certificate --request-id cert-7 --common-name api.example.com \\
-      --san api.example.com --san www.example.com --manifest cluster/manifest.json --out cert-7.msgpack
+      --san api.example.com --san www.example.com --manifest .cluster/manifest.json --out cert-7.msgpack
   # reuse one holder key (so the time chain continues) and break the space proof on purpose:
   hypermesh proofs keygen --scheme ML-DSA-65 --out holder.json
   hypermesh proofs make --request-id req-2 --key holder.json --broken space:path

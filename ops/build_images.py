@@ -95,8 +95,13 @@ def dependency_list() -> list[str]:
 
 
 def host_python() -> str:
+    """The project's .venv: it has the setuptools that pyproject.toml needs, which a
+    stock Python 3.11 (setuptools 65) does not. ``dev.py env`` makes it if missing."""
     venv = ROOT / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
+    if not venv.exists():
+        say("no .venv yet: creating it (python3 dev.py env)")
+        run([sys.executable, str(ROOT / "dev.py"), "env"])
+    return str(venv)
 
 
 # ---------------------------------------------------------------------------- base
