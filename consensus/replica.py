@@ -51,6 +51,7 @@ MAX_PENDING_REQUESTS = 100_000
 VIEW_CHANGE_BACKOFF_CAP = 32  # the view-change timeout grows at most to 32x the base
 MAX_VOTE_RETRIES = 5
 PROBE_INTERVAL_FACTOR = 10  # idle replicas ask a peer for news every 10 x request_timeout_ms
+BEHIND_CLAIM_TTL_FACTOR = 20  # fetching while "behind" gives up after 20 fetch intervals without progress
 MAX_VIEW_LEAP = 64  # messages for views further ahead are ignored (bounds memory)
 RESULT_RETENTION_CHECKPOINTS = 2  # keep committed batches this many checkpoints for laggards
 RESULT_RETENTION_BATCHES = 64  # keep certified batch results at least this long (late votes, fetch-results)
@@ -1261,6 +1262,15 @@ class Replica:
             del self._foreign[s]
         for s in [s for s in self._early_votes if s <= self._last_executed]:
             del self._early_votes[s]
+        # A request still "in flight" in a batch at or below the checkpoint was not in
+        # the batch that executed there (its proposal was replaced, e.g. by fetched
+        # batches): it may be proposed again, or no leader would ever order it here.
+        stale = [rid for rid, s in self._in_flight.items() if s <= seq]
+        for rid in stale:
+            del self._in_flight[rid]
+        if stale:
+            self._queue_dirty = True
+        self._evidence_seen = {key for key in self._evidence_seen if key[2] > seq}
         if self._next_seq <= seq:
             self._next_seq = seq + 1
 
@@ -1423,8 +1433,17 @@ class Replica:
             root = merkle.root(leaves)
             message = result_vote_bytes(self._cid, b.seq, root)
             valid: dict[str, tuple[bytes, bytes, bytes]] = {}
+            if len(b.signatures) > self.keyring.n:
+                self._count("invalid_results")
+                continue
+            tried: set[str] = set()
             for node, sig in b.signatures:
-                if node in self.keyring and node not in valid and self.keyring.verify(node, message, sig):
+                # Each signer is checked once: an unsigned reply must not buy many
+                # signature verifications with repeated entries.
+                if node in tried or node not in self.keyring:
+                    continue
+                tried.add(node)
+                if self.keyring.verify(node, message, sig):
                     valid[node] = (root, sig, b"")
             if len(valid) < self.keyring.quorum:
                 self._count("invalid_results")
@@ -1467,6 +1486,13 @@ class Replica:
                 self._send(FetchView(self._view + 1), peer)
             return
         if now - self._last_progress_ms < delay or now < self._next_fetch_ms:
+            return
+        if now - self._last_progress_ms > BEHIND_CLAIM_TTL_FACTOR * delay:
+            # A peer said we are behind (a seq past our log), yet fetching has brought
+            # nothing for a long while: a claim no one backs up. Back to the idle probe,
+            # which finds out again if we really are behind.
+            self._ahead_seq = self._last_executed
+            self._count("behind_claim_expired")
             return
         self._next_fetch_ms = now + delay
         self._count("fetch_batches")

@@ -286,12 +286,18 @@ class ReplicaDriver:
 
     @staticmethod
     def _to_stored(final: Final) -> StoredResult:
+        # The request digest comes from the certified outcome bytes (under the signed
+        # root), not from Final.request_digest: for results fetched from a peer that
+        # field travelled unsigned, and a wrong one would make this node refuse the
+        # genuine request as "request_id already used for a different request".
+        request_digest = final.request_digest
         try:
-            status = decode_outcome(final.result).status
+            outcome = decode_outcome(final.result)
+            status, request_digest = outcome.status, outcome.request_digest
         except Exception:
             status = "Error"
         return StoredResult(
-            final.request_id, final.request_digest, status, final.result, final.certificate.to_wire(),
+            final.request_id, request_digest, status, final.result, final.certificate.to_wire(),
             final.agreeing, final.n, final.certificate.seq, final.view, final.leader,
         )
 

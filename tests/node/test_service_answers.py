@@ -141,3 +141,20 @@ def test_a_handler_crash_is_counted_and_audited(service: ValidationService) -> N
     service.driver.store.flush_audit()
     rows = service.driver.store._db.execute("SELECT outcome FROM audit WHERE request_id = 'e'").fetchall()
     assert rows == [("error:HandlerError",)]
+
+
+def test_the_stored_request_digest_is_the_certified_one(service: ValidationService) -> None:
+    """A result fetched from a peer carries its request digest unsigned; the node keeps
+    the digest inside the certified outcome, so the genuine request is still answered."""
+    wrong = _final("g", 4, seq=20)
+    wrong = Final(wrong.request_id, b"\xee" * 32, wrong.result, wrong.certificate, 4, 4, "node-1", 0, False)
+
+    async def run() -> dict[str, Any]:
+        task = asyncio.create_task(service._validate_traced("proofs", {"request_id": "g"}, _Span()))
+        await _until(lambda: "g" in service.driver._waiters)
+        service.driver._apply([wrong])
+        return await task
+
+    assert asyncio.run(run())["status"] == "Valid"  # not InvalidRequest "already used for a different request"
+    stored = service.driver.store.get_result("g")
+    assert stored is not None and stored.request_digest == hashlib.sha256(b"req:g").digest()

@@ -1,0 +1,95 @@
+"""What one Byzantine peer can make an honest replica do: not censor requests, not
+fetch forever, not burn CPU on an unsigned reply."""
+
+from __future__ import annotations
+
+from consensus.actions import ViewChanged
+from consensus.messages import (
+    CertifiedResults, CheckpointVote, PrePrepare, ResultsReply, batch_digest, encode, encode_signed,
+    preprepare_header_bytes,
+)
+from tests.consensus.harness import Cluster
+
+
+def test_requests_of_a_replaced_proposal_are_not_stuck_in_flight() -> None:
+    """The leader (node-0) sends node-1 alone other, validly signed batches holding
+    node-1's client requests; the cluster commits different batches at those seqs.
+    After the next stable checkpoint node-1 must treat those requests as unordered, so
+    as leader it proposes them."""
+    c = Cluster(4)
+    leader_key = next(k for k in c.keys if k.node_id == "node-0")
+    r1 = c.nodes["node-1"].replica
+    for round_ in range(6):
+        seq = c.nodes["node-0"].replica._next_seq
+        requests = ((f"x{round_}", b"client request"),)
+        digest = batch_digest(c.now, requests)
+        signature = leader_key.sign(preprepare_header_bytes("test-cluster", 0, seq, c.now, digest))
+        wire = encode_signed("test-cluster", "node-0", PrePrepare(0, seq, c.now, requests, digest), signature)
+        c.handle("node-1", r1.receive("node-0", wire, c.now))
+        c.submit("node-0", f"ok{round_}", b"ok")
+        c.run(2000)
+    assert r1.stable_checkpoint_seq >= 4
+    assert not [rid for rid, s in r1._in_flight.items() if s <= r1.stable_checkpoint_seq]
+    c.submit("node-1", "x0", b"client request")  # the client retries at node-1
+    c.crash("node-0")
+    c.run(30_000)
+    assert any(a.leader == "node-1" for a in c.nodes["node-1"].of(ViewChanged))
+    assert "x0" in r1._executed
+
+
+def test_one_peer_claiming_a_far_checkpoint_does_not_keep_a_replica_fetching() -> None:
+    def fetches(inject: bool) -> tuple[int, int]:
+        c = Cluster(4)
+        c.submit("node-1", "a", b"a")
+        c.run(2000)
+        if inject:  # ONE signed checkpoint vote from node-3, far ahead
+            key = next(k for k in c.keys if k.node_id == "node-3")
+            wire = encode("test-cluster", "node-3", CheckpointVote(2**62, b"\x00" * 32), key.sign)
+            c.handle("node-1", c.nodes["node-1"].replica.receive("node-3", wire, c.now))
+        sent = {"n": 0}
+
+        def count(src: str, dst: str, data: bytes) -> bool:
+            sent["n"] += src == "node-1" and b"fetch-batches" in data[:40]
+            return False
+
+        c.drop = count
+        c.run(120_000)  # two idle minutes
+        return sent["n"], c.nodes["node-1"].replica._ahead_seq
+
+    baseline, _ = fetches(False)
+    injected, ahead = fetches(True)
+    assert ahead < 2**62  # the unbacked claim expired
+    assert injected <= baseline + 25  # was ~15x the baseline: every 500 ms, forever
+
+
+def test_an_unsigned_results_reply_buys_at_most_one_check_per_validator() -> None:
+    c = Cluster(4)
+    c.submit("node-1", "r0", b"request")
+    c.run(2000)
+    r2 = c.nodes["node-2"].replica
+    ring = r2.keyring
+
+    class CountingRing:
+        """The key ring, counting signature checks."""
+
+        checks = 0
+
+        def verify(self, node: str, message: bytes, signature: bytes) -> bool:
+            CountingRing.checks += 1
+            return ring.verify(node, message, signature)
+
+        def __contains__(self, node: object) -> bool:
+            return node in ring
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(ring, name)
+
+    r2.keyring = CountingRing()  # type: ignore[assignment]
+    r2._results.pop(1, None)  # as if node-2 skipped batch 1 and still wants its result
+    entries = (("r0", b"\x00" * 32, b"result"),)
+    repeated = CertifiedResults(1, 0, entries, tuple(("node-0", bytes(64)) for _ in range(4)))
+    r2.receive("node-3", encode("test-cluster", "node-3", ResultsReply((repeated,))), c.now)
+    assert CountingRing.checks == 1  # node-0 once, not four times
+    too_many = CertifiedResults(1, 0, entries, tuple((f"node-{i % 4}", bytes(64)) for i in range(1024)))
+    r2.receive("node-3", encode("test-cluster", "node-3", ResultsReply((too_many,))), c.now)
+    assert CountingRing.checks == 1  # more signatures than validators: refused before any check
