@@ -652,6 +652,8 @@ class Replica:
         if slot.has_batch and slot.view != view:
             for rid, _ in slot.requests:
                 self._release_in_flight(rid, seq)
+        if slot.view != view:
+            slot.retries, slot.retry_at_ms = 0, 0  # re-sends back off per view, from the base delay
         slot.view, slot.digest, slot.agreed_time_ms, slot.requests = view, digest, agreed, requests
         slot.leader_signature = leader_signature
         if seq > self._last_executed:
@@ -1671,6 +1673,8 @@ class Replica:
         if slot.has_batch and slot.view != view:
             for rid, _ in slot.requests:
                 self._release_in_flight(rid, slot.seq)
+        if slot.view != view:
+            slot.retries, slot.retry_at_ms = 0, 0  # re-sends back off per view, from the base delay
         slot.view, slot.digest, slot.agreed_time_ms, slot.requests = view, digest, agreed, requests
         slot.leader_signature = b""  # proposed by the new-view, not by a signed header
         if slot.seq > self._last_executed:

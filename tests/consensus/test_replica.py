@@ -459,3 +459,30 @@ def test_leaders_pre_prepare_is_its_prepare_in_live_and_certified_counts() -> No
     # A pre-prepare header for another digest does not count.
     other = dataclasses.replace(cert, agreed_time_ms=cert.agreed_time_ms + 1)
     assert not verify_prepared(c.keyring, "test-cluster", other)
+
+
+def test_re_sends_start_again_from_the_base_delay_in_a_new_view() -> None:
+    """Commits of view 0 are lost (a view change follows); in view 1 only the first
+    100 ms of commits are lost. The re-proposed slot must re-send after the base delay,
+    not after view 0's backed-off one."""
+    c = Cluster(4)
+    lost_until = {"t": None}
+
+    def drop(src: str, dst: str, data: bytes) -> bool:
+        if b"\xa6commit" not in data[:20]:
+            return False
+        return lost_until["t"] is None or c.now < lost_until["t"]
+
+    c.drop = drop
+    c.submit("node-1", "a", b"a")
+    for _ in range(100_000):
+        if c.nodes["node-2"].of(ViewChanged):
+            break
+        c.run(10)
+    lost_until["t"] = c.now + 100
+    replica = c.nodes["node-2"].replica
+    assert replica._slots[1].retries == 0
+    start = c.now
+    while not any(a.seq == 1 for a in c.nodes["node-2"].of(Committed)) and c.now < start + 60_000:
+        c.run(10)
+    assert c.now - start <= 100 + 2 * replica._retry_delay()
