@@ -308,6 +308,8 @@ def parse_request(kind: str, payload: Any) -> ValidationRequest:
 def decode_request(data: bytes) -> ValidationRequest:
     """Bytes from a peer (the leader's batch) -> request; bounded, strict and canonical."""
     raw = unpack_bounded(data, max_size=MAX_REQUEST_BYTES, field="request")
+    if not isinstance(raw, dict) or not all(isinstance(key, str) for key in raw):
+        raise DecodeError("request", "expected a map with string keys: {v, kind, payload}")  # not "payload"
     m = _map(raw, "", ("v", "kind", "payload"))
     if m["v"] != 1 or isinstance(m["v"], bool):
         raise DecodeError("v", "unsupported request encoding version")

@@ -199,7 +199,7 @@ class Outcome:
 
 def decode_outcome(data: bytes) -> Outcome:
     raw = unpack_bounded(data, max_size=MAX_OUTCOME_BYTES, field="outcome", max_depth=3)
-    if not (isinstance(raw, list) and len(raw) == 7 and raw[0] == 1):
+    if not (isinstance(raw, list) and len(raw) == 7 and type(raw[0]) is int and raw[0] == 1):  # True == 1
         raise DecodeError("outcome", "expected [1, request_id, kind, status, reasons, agreed_time_ms, request_digest]")
     _, request_id, kind, status, reasons, agreed, rdigest = raw
     if not isinstance(request_id, str) or len(request_id) > 128:

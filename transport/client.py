@@ -92,11 +92,13 @@ class _ClientProtocol(CoalescingProtocol):
 
     def cancel_request(self, stream_id: int) -> None:
         if self._pending.pop(stream_id, None) is not None and self.dead is None:
-            try:
-                self._quic.reset_stream(stream_id, STREAM_CANCELLED)
-                self._quic.stop_stream(stream_id, STREAM_CANCELLED)
-            except (ValueError, AssertionError):
-                pass
+            # Each on its own: our request side is usually finished already, and a
+            # refused reset must not keep the server from being told to stop sending.
+            for stop in (self._quic.stop_stream, self._quic.reset_stream):
+                try:
+                    stop(stream_id, STREAM_CANCELLED)
+                except (ValueError, AssertionError, RuntimeError):
+                    pass
             self.flush_soon()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
@@ -110,7 +112,6 @@ class _ClientProtocol(CoalescingProtocol):
             future, buffer = entry
             buffer += event.data
             if len(buffer) > self._max:
-                self._pending.pop(event.stream_id, None)
                 future.set_exception(
                     ApiError(ErrorCode.SerializationError, f"response: exceeds the limit of {self._max} bytes")
                 )

@@ -405,3 +405,28 @@ def test_unencodable_result_is_a_serialization_error(pki: Pki) -> None:
                 assert (await client.call("echo", 1))["payload"] == 1
 
     run(body())
+
+
+def test_client_tells_the_server_to_stop_an_oversized_response() -> None:
+    """PROTOCOL §2.1: a client that gives up SHOULD send STOP_SENDING (and RESET_STREAM)
+    0x202. The oversized-response path used to forget the stream before cancelling it."""
+    from aioquic.quic import events
+
+    from transport.client import STREAM_CANCELLED, _ClientProtocol
+
+    async def run() -> tuple[BaseException | None, list[tuple[str, int, int]]]:
+        protocol = object.__new__(_ClientProtocol)
+        frames: list[tuple[str, int, int]] = []
+        protocol._quic = SimpleNamespace(
+            stop_stream=lambda stream, code: frames.append(("STOP_SENDING", stream, code)),
+            reset_stream=lambda stream, code: frames.append(("RESET_STREAM", stream, code)),
+        )
+        protocol.dead, protocol._max, protocol.flush_soon = None, 10, lambda: None
+        future = asyncio.get_running_loop().create_future()
+        protocol._pending = {0: (future, bytearray())}
+        protocol.quic_event_received(events.StreamDataReceived(data=b"x" * 11, end_stream=False, stream_id=0))
+        return future.exception(), frames
+
+    error, frames = asyncio.run(run())
+    assert isinstance(error, ApiError) and error.code == ErrorCode.SerializationError
+    assert ("STOP_SENDING", 0, STREAM_CANCELLED) in frames and ("RESET_STREAM", 0, STREAM_CANCELLED) in frames

@@ -244,3 +244,14 @@ def test_bytes_with_an_extension_type_are_refused() -> None:
         assert "extension type" in err.value.message  # not let through when empty (max_ext_len=0)
     with pytest.raises(DecodeError):
         decode_request(msgpack.packb({"v": 1, "kind": "proofs", "payload": msgpack.ExtType(1, b"")}))
+
+
+def test_decode_errors_name_the_request_and_outcome_versions_are_integers() -> None:
+    for data in (msgpack.packb([1, 2]), msgpack.packb({b"v": 1})):
+        with pytest.raises(DecodeError) as err:
+            decode_request(data)
+        assert err.value.field == "request"  # the request itself, not its payload
+    good = msgpack.packb([1, "r", "proofs", "Valid", [], 5, b"\x00" * 32])
+    assert decode_outcome(good).request_id == "r"
+    with pytest.raises(DecodeError):
+        decode_outcome(msgpack.packb([True, "r", "proofs", "Valid", [], 5, b"\x00" * 32]))
