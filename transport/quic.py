@@ -61,6 +61,21 @@ def enlarge_socket_buffers(transport: asyncio.BaseTransport, size: int = UDP_BUF
     return granted
 
 
+class _UnlessResumed:
+    """Truthy until the handshake resumes a session. A resumed (PSK) handshake must not
+    wait for a client certificate (RFC 8446 4.3.2); a full one must ask for one, also
+    when aioquic refuses the ticket the client offered (expired, other cipher suite)
+    after the server looked it up. aioquic reads the flag after deciding."""
+
+    __slots__ = ("_tls",)
+
+    def __init__(self, tls: Any) -> None:
+        self._tls = tls
+
+    def __bool__(self) -> bool:
+        return not self._tls.session_resumed
+
+
 class StoqQuicConnection(QuicConnection):
     """QuicConnection that can request a client certificate (RFC 8446 4.3.2).
 
@@ -81,7 +96,7 @@ class StoqQuicConnection(QuicConnection):
     def _alpn_handler(self, alpn_protocol: str) -> None:
         super()._alpn_handler(alpn_protocol)
         if self._request_client_cert is not None and self._request_client_cert(alpn_protocol):
-            self.tls._request_client_certificate = True
+            self.tls._request_client_certificate = _UnlessResumed(self.tls)
 
 
 def peer_certificates(quic: QuicConnection) -> tuple[bytes, list[bytes]] | None:

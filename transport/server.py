@@ -164,10 +164,9 @@ class _ServerProtocol(CoalescingProtocol):
             return None
         if entry.identity is None and self._server._cert_required(entry.alpn):
             return None  # force a full handshake, which asks for a certificate
+        # Used only if aioquic accepts the ticket (_authorize checks session_resumed);
+        # the client-certificate request then lapses by itself (quic._UnlessResumed).
         self._resumed = entry
-        # RFC 8446 4.3.2: no CertificateRequest in a PSK handshake (aioquic would
-        # otherwise wait for a certificate the client never sends).
-        self._quic.tls._request_client_certificate = False
         return entry.ticket
 
     def ticket_issued(self, ticket: SessionTicket) -> None:
