@@ -213,6 +213,7 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    driver.on_fatal = lambda exc: stop.set()
     # Everything built so far (modules, keys, the recovered state) lives as long as the
     # process: move it out of the collector's view. Full collections then scan only
     # what serving allocates, instead of pausing the event loop for 25-40 ms each
@@ -232,6 +233,9 @@ async def serve(args: argparse.Namespace) -> int:
     store.close()
     if tracer_provider is not None:
         tracer_provider.shutdown()
+    if driver.failed is not None:
+        log.error("stopped after a failed write to the store: %s", driver.failed)
+        return 1
     log.info("Stopped cleanly")
     return 0
 

@@ -88,6 +88,10 @@ class ReplicaDriver:
         self._tick_task: asyncio.Task[None] | None = None
         self._batch_timer: asyncio.TimerHandle | None = None
         self._batch_timer_at: int | None = None
+        # Fail-stop: set when a write to the store failed; on_fatal (the node's main)
+        # then shuts the process down with an error.
+        self.failed: BaseException | None = None
+        self.on_fatal: Callable[[BaseException], None] | None = None
         self._last_audit_flush = 0.0
 
     # -- life cycle -------------------------------------------------------------------
@@ -101,7 +105,7 @@ class ReplicaDriver:
         self._tick_task = asyncio.create_task(self._tick_loop(), name="replica-tick")
 
     async def stop(self) -> None:
-        if self._flush_scheduled:
+        if self._flush_scheduled and self.failed is None:
             self._flush()
         if self._batch_timer is not None:
             self._batch_timer.cancel()
@@ -226,6 +230,8 @@ class ReplicaDriver:
         """Durable first (pending requests, consensus records, final results in one
         transaction), then the sends that depend on it, then the answers."""
         self._flush_scheduled = False
+        if self.failed is not None:
+            return  # fail-stop: nothing more is written, sent or answered
         # Every request that arrived in this pass is queued now: close a partial batch.
         self._apply(self.replica.propose(now_ms()), schedule=False)
         pending, self._out_pending = self._out_pending, []
@@ -236,15 +242,26 @@ class ReplicaDriver:
         stored = [self._to_stored(final) for final in finals]
         refused = [a.request_id for a in answers if isinstance(a, Rejected)]
         if pending or records or stored or refused:
-            with self.store.transaction():
-                for request in pending:
-                    self.store.add_pending(request)
-                if records:
-                    self.store.apply_records(records)
-                if stored:
-                    self.store.put_results(stored)
-                if refused:
-                    self.store.drop_pending(refused)
+            try:
+                with self.store.transaction():
+                    for request in pending:
+                        self.store.add_pending(request)
+                    if records:
+                        self.store.apply_records(records)
+                    if stored:
+                        self.store.put_results(stored)
+                    if refused:
+                        self.store.drop_pending(refused)
+            except Exception as exc:  # disk full, I/O error, ...
+                # The replica now believes records are on disk that are not: going on
+                # could send or answer what a restart would not remember. Stop instead;
+                # a restart recovers from what the disk does hold.
+                self.failed = exc
+                log.critical("the store refused a write (%s): stopping this node; a restart recovers "
+                             "from what is on disk", exc)
+                if self.on_fatal is not None:
+                    self.on_fatal(exc)
+                return
         for to, payload in sends:
             self._send(to, payload)
         for result, final in zip(stored, finals):

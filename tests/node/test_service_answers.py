@@ -62,6 +62,7 @@ def _driver(store: Store, metrics: NodeMetrics) -> ReplicaDriver:
     driver._waiters, driver._vote_events = {}, {}
     driver._out_pending, driver._out_records, driver._out_sends, driver._out_finals, driver._out_answers = [], [], [], [], []
     driver._flush_scheduled, driver._batch_timer, driver._batch_timer_at = False, None, None
+    driver.failed, driver.on_fatal = None, None
     return driver
 
 
@@ -158,3 +159,38 @@ def test_the_stored_request_digest_is_the_certified_one(service: ValidationServi
     assert asyncio.run(run())["status"] == "Valid"  # not InvalidRequest "already used for a different request"
     stored = service.driver.store.get_result("g")
     assert stored is not None and stored.request_digest == hashlib.sha256(b"req:g").digest()
+
+
+def test_a_failed_store_write_stops_the_node_before_anything_is_sent(service: ValidationService,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail-stop: the replica believes its records are on disk; when they are not, the
+    node must not send, answer or write anything more, and its main shuts it down."""
+    import contextlib
+    import sqlite3
+
+    driver = service.driver
+    fatal: list[BaseException] = []
+    driver.on_fatal = fatal.append
+    sent: list[bytes] = []
+    driver._send = lambda to, payload: sent.append(payload)
+    attempts = {"n": 0}
+
+    @contextlib.contextmanager
+    def broken() -> Iterator[None]:
+        attempts["n"] += 1
+        raise sqlite3.OperationalError("disk I/O error")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(driver.store, "transaction", broken)
+
+    async def run() -> asyncio.Future[Any]:
+        future = driver.submit("f", b"\x01" * 32, "proofs", b"req:f")
+        driver._out_sends.append((None, b"a vote that depends on the write"))
+        driver._flush()
+        driver._apply([_final("f", 4, seq=30)])  # later events: nothing more is written
+        driver._flush()
+        return future
+
+    future = asyncio.run(run())
+    assert [type(e) for e in fatal] == [sqlite3.OperationalError] and driver.failed is fatal[0]
+    assert attempts["n"] == 1 and sent == [] and not future.done()
