@@ -647,20 +647,27 @@ class Replica:
         slot.votes(table, view).add(self.node_id, digest, wire)
         return True
 
-    def _accept_batch(self, seq: int, view: int, agreed: int, requests: Batch, digest: bytes, leader_signature: bytes) -> None:
-        slot = self._slot(seq)
-        if slot.has_batch and slot.view != view:
-            for rid, _ in slot.requests:
-                self._release_in_flight(rid, seq)
+    def _place_batch(self, slot: Slot, view: int, digest: bytes, agreed: int, requests: Batch,
+                     leader_signature: bytes) -> None:
+        """Put a (possibly re-)proposed batch into its slot: the requests of a batch it
+        replaces become proposable again, the re-send back-off starts afresh in the new
+        view, and the new batch's requests are in flight."""
         if slot.view != view:
-            slot.retries, slot.retry_at_ms = 0, 0  # re-sends back off per view, from the base delay
+            if slot.has_batch:
+                for rid, _ in slot.requests:
+                    self._release_in_flight(rid, slot.seq)
+            slot.retries, slot.retry_at_ms = 0, 0
         slot.view, slot.digest, slot.agreed_time_ms, slot.requests = view, digest, agreed, requests
         slot.leader_signature = leader_signature
-        if seq > self._last_executed:
+        if slot.seq > self._last_executed:
             for rid, _ in requests:
-                self._in_flight[rid] = seq
+                self._in_flight[rid] = slot.seq
                 self._dequeue(rid)
             self._prefetch(requests)
+
+    def _accept_batch(self, seq: int, view: int, agreed: int, requests: Batch, digest: bytes, leader_signature: bytes) -> None:
+        slot = self._slot(seq)
+        self._place_batch(slot, view, digest, agreed, requests, leader_signature)
         leader = self._leader_of(view)
         if leader_signature:
             self._count_leader_prepare(slot, view, leader, leader_signature)
@@ -1670,17 +1677,8 @@ class Replica:
 
     def _accept_reproposed(self, slot: Slot, view: int, agreed: int, requests: Batch) -> None:
         digest = batch_digest(agreed, requests)
-        if slot.has_batch and slot.view != view:
-            for rid, _ in slot.requests:
-                self._release_in_flight(rid, slot.seq)
-        if slot.view != view:
-            slot.retries, slot.retry_at_ms = 0, 0  # re-sends back off per view, from the base delay
-        slot.view, slot.digest, slot.agreed_time_ms, slot.requests = view, digest, agreed, requests
-        slot.leader_signature = b""  # proposed by the new-view, not by a signed header
-        if slot.seq > self._last_executed:
-            for rid, _ in requests:
-                self._in_flight[rid] = slot.seq
-                self._dequeue(rid)
+        # Proposed by the new-view, not by a signed header: no leader signature.
+        self._place_batch(slot, view, digest, agreed, requests, b"")
         if slot.sent_prepare < view and self._vote(PREPARE, slot.seq, view, digest):
             slot.sent_prepare = view
         self._check_prepared(slot)

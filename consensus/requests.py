@@ -166,13 +166,15 @@ ValidationRequest = FourProofValidationRequest | CertificateValidationRequest
 # ---------------------------------------------------------------------------
 
 
-def _map(value: Any, path: str, required: tuple[str, ...]) -> dict[str, Any]:
+def _map(value: Any, path: str, required: tuple[str, ...], top: str = "payload") -> dict[str, Any]:
+    """``path`` "" is the top level, named ``top`` in errors (a client's payload, or the
+    encoded request itself); its fields are named without a prefix."""
     if not isinstance(value, dict):
-        raise DecodeError(path or "payload", f"expected a map, got {type(value).__name__}")
+        raise DecodeError(path or top, f"expected a map, got {type(value).__name__}")
     prefix = f"{path}." if path else ""
     for key in value:
         if not isinstance(key, str):
-            raise DecodeError(path or "payload", "map keys must be strings")
+            raise DecodeError(path or top, "map keys must be strings")
         if key not in required:
             raise DecodeError(prefix + key, "unknown field")
     for key in required:
@@ -308,9 +310,7 @@ def parse_request(kind: str, payload: Any) -> ValidationRequest:
 def decode_request(data: bytes) -> ValidationRequest:
     """Bytes from a peer (the leader's batch) -> request; bounded, strict and canonical."""
     raw = unpack_bounded(data, max_size=MAX_REQUEST_BYTES, field="request")
-    if not isinstance(raw, dict) or not all(isinstance(key, str) for key in raw):
-        raise DecodeError("request", "expected a map with string keys: {v, kind, payload}")  # not "payload"
-    m = _map(raw, "", ("v", "kind", "payload"))
+    m = _map(raw, "", ("v", "kind", "payload"), top="request")
     if m["v"] != 1 or isinstance(m["v"], bool):
         raise DecodeError("v", "unsupported request encoding version")
     kind = _str(m["kind"], "kind", 1, 16)

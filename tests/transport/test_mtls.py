@@ -84,26 +84,12 @@ def test_no_client_auth_ignores_client_certificates(pki: Pki) -> None:
     run(body())
 
 
-def test_resumed_session_keeps_the_verified_identity(pki: Pki) -> None:
-    async def body() -> None:
-        tls = pki.tls("node-1", client_auth="required")
-        tickets = SessionTicketStore()
-        client = _client(pki, 0, pki.issue("alice", server=False))
-        async with serving(tls, tickets=tickets) as server:
-            client.port = server.port
-            assert (await client.call("echo", 1))["who"] == "alice"
-        async with serving(tls, port=client.port, tickets=tickets) as server:
-            assert (await client.call("echo", 2))["who"] == "alice"
-            assert server.stats.sessions_resumed == 1 and client.stats.sessions_resumed == 1
-        await client.close()
-
-    run(body())
-
-
-def test_a_ticket_the_tls_layer_refuses_still_asks_for_the_client_certificate(pki: Pki) -> None:
-    """The server finds the ticket, but aioquic refuses it (here: expired on the server
-    side) and runs a full handshake. That handshake must still ask for the client
-    certificate; it used not to, and 'required' then rejected a client holding one."""
+@pytest.mark.parametrize("ticket_refused", [False, True], ids=["resumed", "ticket-refused"])
+def test_reconnect_keeps_the_verified_identity(pki: Pki, ticket_refused: bool) -> None:
+    """A reconnect resumes the session with the identity verified the first time. When
+    the server finds the ticket but aioquic refuses it (here: expired on the server
+    side), the full handshake must still ask for the client certificate; it used not
+    to, and 'required' then rejected a client holding one."""
     import datetime
 
     async def body() -> None:
@@ -113,12 +99,15 @@ def test_a_ticket_the_tls_layer_refuses_still_asks_for_the_client_certificate(pk
         async with serving(tls, tickets=tickets) as server:
             client.port = server.port
             assert (await client.call("echo", 1))["who"] == "alice"
-        expired = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
-        for entry in tickets._entries.values():
-            entry.ticket.not_valid_after = expired
+        if ticket_refused:
+            expired = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+            for entry in tickets._entries.values():
+                entry.ticket.not_valid_after = expired
         async with serving(tls, port=client.port, tickets=tickets) as server:
             assert (await client.call("echo", 2))["who"] == "alice"
-            assert server.stats.sessions_resumed == 0 and server.stats.connections_rejected_auth == 0
+            resumed = 0 if ticket_refused else 1
+            assert server.stats.sessions_resumed == resumed and client.stats.sessions_resumed == resumed
+            assert server.stats.connections_rejected_auth == 0
         await client.close()
 
     run(body())
