@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import subprocess
@@ -100,6 +101,33 @@ def slot_environment(slot: int) -> dict[str, str]:
         env[f"HYPERMESH_PORT_{i}"] = str(base + i)
         env[f"HYPERMESH_METRICS_PORT_{i}"] = str(base + 10 + i)
     return env
+
+
+def docker_subnets() -> list[str]:
+    """Every subnet a docker network on this host holds (the SDK is a test extra)."""
+    import docker
+
+    subnets = []
+    for network in docker.from_env(timeout=30).networks.list():
+        for config in (network.attrs.get("IPAM") or {}).get("Config") or []:
+            if config.get("Subnet"):
+                subnets.append(config["Subnet"])
+    return subnets
+
+
+def free_slot(preferred: int, in_use: Iterable[str] | None = None) -> int:
+    """The first slot from ``preferred`` on (wrapping around) whose subnets overlap no
+    existing docker network. A project left behind by an interrupted run keeps its
+    network, and compose then refuses ours ("Pool overlaps with other one")."""
+    taken = [ipaddress.ip_network(n, strict=False) for n in (docker_subnets() if in_use is None else in_use)]
+    for offset in range(MAX_SLOT + 1):
+        slot = (preferred + offset) % (MAX_SLOT + 1)
+        env = slot_environment(slot)
+        ours = [ipaddress.ip_network(env[k]) for k in ("HYPERMESH_SUBNET4", "HYPERMESH_SUBNET6")]
+        if not any(a.version == b.version and a.overlaps(b) for a in ours for b in taken):  # type: ignore[arg-type]
+            return slot
+    raise ChaosError(f"every one of the {MAX_SLOT + 1} compose slots overlaps a docker network: "
+                     "remove stale ones with 'docker network prune'")
 
 
 @dataclass

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from cluster.chaos import MAX_SLOT, slot_environment
+from cluster.chaos import MAX_SLOT, ChaosError, free_slot, slot_environment
 
 
 def test_every_slot_has_valid_distinct_networks_and_ports() -> None:
@@ -28,3 +28,12 @@ def test_every_slot_has_valid_distinct_networks_and_ports() -> None:
 def test_slots_outside_the_range_are_refused(slot: int) -> None:
     with pytest.raises(ValueError, match="slot must be in"):
         slot_environment(slot)
+
+
+def test_a_slot_whose_subnet_a_leftover_network_holds_is_passed_over() -> None:
+    leftover = slot_environment(45)["HYPERMESH_SUBNET4"]  # an interrupted run's network
+    assert free_slot(45, in_use=["172.17.0.0/16"]) == 45
+    assert free_slot(45, in_use=[leftover, "172.17.0.0/16"]) == 46
+    assert free_slot(MAX_SLOT, in_use=[slot_environment(MAX_SLOT)["HYPERMESH_SUBNET6"]]) == 0  # wraps around
+    with pytest.raises(ChaosError, match="docker network prune"):
+        free_slot(0, in_use=["172.30.0.0/16", "fd42:4d48::/32"])

@@ -95,13 +95,13 @@ def log_dir(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture
 def make_cluster(images: str, request: pytest.FixtureRequest, log_dir: Path) -> Iterator[Callable[..., Any]]:
     """``make_cluster(nodes=4, node_args="", byzantine={})`` -> a running ComposeCluster."""
-    from cluster.chaos import ComposeCluster
+    from cluster.chaos import ComposeCluster, free_slot
 
     made: list[ComposeCluster] = []
     base_slot = (os.getpid() % 9) * 20
 
     def make(**kwargs: Any) -> ComposeCluster:
-        cluster = ComposeCluster(slot=base_slot + next(_slots) % 20, image=images, **kwargs)
+        cluster = ComposeCluster(slot=free_slot(base_slot + next(_slots) % 20), image=images, **kwargs)
         made.append(cluster)
         cluster.up(timeout_s=150)
         return cluster
