@@ -262,6 +262,11 @@ class Replica:
     def in_view_change(self) -> bool:
         return self._in_view_change
 
+    def executed_seq(self, request_id: str) -> int | None:
+        """The batch that executed this request, if this replica knows it was executed
+        (itself, or through a snapshot whose results it may still be fetching)."""
+        return self._executed.get(request_id)
+
     def status(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vote-grace-ms", type=float, default=50.0, metavar="MS",
                         help="after 2f+1 votes, wait up to this long for the other validators' votes so "
                         "confidence_level counts them; skipped while a validator keeps missing it (default 50)")
+    parser.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+                        help="on SIGINT/SIGTERM, let in-flight validations finish this long; those still "
+                        "waiting are then answered Pending (they are durable; poll validation_status) (default 5)")
     parser.add_argument("--sync-commits", action="store_true",
                         help="fsync every database commit (survives power loss, ~0.3 ms per batch)")
     parser.add_argument("--batch-size", type=int, default=64, help="maximum requests per consensus batch (default 64)")
@@ -226,7 +229,13 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
 
     log.info("Shutting down: no new requests, finishing those in flight ...")
-    await server.stop(grace_s=5.0)
+    def release_waiting() -> None:
+        released = driver.release_waiters()
+        if released:
+            log.warning("%d validations not final after --shutdown-grace %.1fs were answered Pending",
+                        released, args.shutdown_grace)
+
+    await server.stop(grace_s=args.shutdown_grace, on_grace_expired=release_waiting)
     await repair.stop()
     await mesh.stop()
     await driver.stop()
@@ -244,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_validations < 1:
         raise SystemExit("consensus-server: --max-validations must be at least 1")
+    if not 0 <= args.shutdown_grace <= 3600:
+        raise SystemExit("consensus-server: --shutdown-grace must be 0..3600 seconds")
     if args.port is not None and not 0 <= args.port < 65536:
         raise SystemExit("consensus-server: --port must be 0..65535")
     configure_logging(args.log_level)

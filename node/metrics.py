@@ -11,7 +11,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 
 class NodeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
-        self.validations = Counter("hypermesh_validations", "Client validations answered, by final status", ["kind", "status"], registry=r)
+        self.validations = Counter("hypermesh_validations", "Client validations answered with a final result, by status (including retries answered from the store or the --cache)", ["kind", "status"], registry=r)
         self.latency = Histogram("hypermesh_validation_latency_seconds", "Time from client request to final result", ["kind"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("hypermesh_validations_in_flight", "Client validations waiting for a final result", registry=r)
         self.cache_hits = Counter("hypermesh_cache_hits", "Result cache hits", registry=r)

@@ -39,6 +39,10 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class NodeStopping(Exception):
+    """Set on a waiting validation when the node shuts down before it is final."""
+
+
 @dataclass(slots=True)
 class Waiter:
     future: asyncio.Future[StoredResult]
@@ -115,11 +119,7 @@ class ReplicaDriver:
                 await self._tick_task
             except asyncio.CancelledError:
                 pass
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                if not waiter.future.done():
-                    waiter.future.set_exception(ApiError(ErrorCode.TransportError, "node is shutting down"))
-        self._waiters.clear()
+        self.release_waiters()  # normally none left: the server's stop released them
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def _tick_loop(self) -> None:
@@ -184,6 +184,19 @@ class ReplicaDriver:
         for waiter in self._waiters.pop(stored.request_id, []):
             if not waiter.future.done():
                 waiter.future.set_result(stored)
+
+    def release_waiters(self) -> int:
+        """Shutdown: the clients still waiting are told "Pending" (their requests are
+        durable; the cluster finishes them and validation_status answers), rather than
+        having their streams cancelled. Returns how many were waiting."""
+        released = 0
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(NodeStopping())
+                    released += 1
+        self._waiters.clear()
+        return released
 
     def forget_waiter(self, request_id: str, future: asyncio.Future[StoredResult]) -> None:
         waiters = self._waiters.get(request_id)

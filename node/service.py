@@ -24,7 +24,7 @@ from transport.envelope import ApiError, ErrorCode
 
 from .cache import ResultCache
 from .metrics import NodeMetrics
-from .runtime import ReplicaDriver
+from .runtime import NodeStopping, ReplicaDriver
 from .tracing import trace_id_of
 from .store import StoredResult
 
@@ -44,7 +44,12 @@ class ServiceLimits:
 def result_payload(stored: StoredResult) -> dict[str, Any]:
     """The ValidationResult a client receives: the outcome, how many validators signed
     it, and the certificate that lets the client check all of that on its own."""
-    outcome = decode_outcome(stored.result).to_wire()
+    try:
+        outcome: dict[str, Any] = decode_outcome(stored.result).to_wire()
+    except DecodeError as exc:
+        # Certified bytes this node cannot read (a newer outcome version, or more than f
+        # faulty validators): still an answer, with the certificate, never a crash.
+        outcome = {"error": f"the certified outcome cannot be decoded by this node ({exc.field}: {exc.message})"}
     return {
         **outcome,
         "request_id": stored.request_id,
@@ -137,6 +142,7 @@ class ValidationService:
             cached = self.cache.get(request_digest)
             if cached is not None:
                 self.metrics.cache_hits.inc()
+                self.metrics.validations.labels(kind, str(cached.get("status"))).inc()
                 span.set_attribute("hypermesh.cache_hit", True)
                 return cached
             self.metrics.cache_misses.inc()
@@ -161,7 +167,7 @@ class ValidationService:
         future = self.driver.submit(request.request_id, request_digest, kind, encoded)
         try:
             stored = await asyncio.wait_for(asyncio.shield(future), self.limits.validation_timeout_s)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, NodeStopping):  # --request-timeout, or this node is shutting down
             self.driver.forget_waiter(request.request_id, future)
             # Accepted and durable: the client can poll validation_status for the result.
             return {"request_id": request.request_id, "status": "Pending", "leader": self.driver.replica.leader}
@@ -193,9 +199,9 @@ class ValidationService:
         if stored.request_digest != request_digest:
             raise ApiError(ErrorCode.InvalidRequest, "request_id: already used for a different request")
         payload = result_payload(stored)
-        if started is not None:
+        if started is not None:  # ordered now, not a retry answered from the store
             self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
-            self.metrics.validations.labels(kind, stored.status).inc()
+        self.metrics.validations.labels(kind, stored.status).inc()
         if self.cache is not None:
             self.cache.put(request_digest, payload)
         return payload
@@ -210,6 +216,10 @@ class ValidationService:
         if stored is not None:
             return result_payload(stored)
         if self.driver.store.get_pending(request_id) is not None:
+            return {"request_id": request_id, "status": "Pending", "leader": self.driver.replica.leader}
+        if self.driver.replica.executed_seq(request_id) is not None:
+            # Executed by the cluster while this node caught up through a snapshot: its
+            # certified result is still being fetched from peers.
             return {"request_id": request_id, "status": "Pending", "leader": self.driver.replica.leader}
         raise ApiError(ErrorCode.NotFound, f"request_id: no request {request_id!r} is known to {self.node_id}")
 

@@ -463,14 +463,20 @@ class StoqServer:
         self.port = self.address[1]
         log.info("STOQ server listening on [%s]:%d", self.host, self.port)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
-        """Refuse new connections, let in-flight requests finish (up to grace), close."""
+    async def stop(self, grace_s: float = 5.0, on_grace_expired: Callable[[], None] | None = None) -> None:
+        """Refuse new connections, let in-flight requests finish (up to grace), close.
+        When the grace runs out, ``on_grace_expired`` may make the handlers still
+        running answer at once (the node: "Pending", the request is durable); what is
+        still running a second later is cancelled."""
         endpoint = self._endpoint
         if endpoint is None:
             return
         endpoint.accepting = False
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            if pending and on_grace_expired is not None:
+                on_grace_expired()
+                _, pending = await asyncio.wait(pending, timeout=1.0)
             for task in pending:
                 task.cancel()
             if pending:

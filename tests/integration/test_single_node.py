@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -255,3 +256,42 @@ def test_cluster_node_listens_on_its_manifest_port_by_default(tmp_path: Path) ->
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_sigterm_answers_a_waiting_validation_pending_then_exits_cleanly(tmp_path: Path) -> None:
+    """Graceful shutdown with a validation that cannot become final (no quorum): after
+    --shutdown-grace the client is answered Pending (the request is durable) rather than
+    cut off, and the process exits 0."""
+    from cluster.bootstrap import InitOptions, init_cluster
+
+    base = free_udp_ports(4)
+    manifest = init_cluster(tmp_path / "c", InitOptions(nodes=4, base_port=base))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.main", "--cluster", str(manifest.directory), "--node-id", "node-1",
+         "--data-dir", str(tmp_path / "d"), "--bind", "::1", "--port", str(base), "--metrics-port", "0",
+         "--shutdown-grace", "0.5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    factory = ProofFactory(manifest.validation_params())
+
+    async def run() -> dict[str, Any]:
+        async with ClusterClient(manifest, endpoints=[manifest.nodes[0]], timeout_s=20, retries=0) as client:
+            await wait_until(lambda: client.call_node("node-1", "consensus/health"), 30, "node-1")
+            waiting = asyncio.ensure_future(client.call_node("node-1", "consensus/validate_proofs", factory.proofs()))
+
+            async def in_flight() -> bool:
+                return (await client.call_node("node-1", "cluster/status"))["in_flight"] == 1
+
+            await wait_until(in_flight, 10, "the validation to be in flight")
+            proc.send_signal(signal.SIGTERM)
+            return await asyncio.wait_for(waiting, 15)
+
+    try:
+        answer = asyncio.run(run())
+        assert answer["status"] == "Pending"
+        assert proc.wait(timeout=15) == 0
+        assert "answered Pending" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -31,6 +31,10 @@ class _Request:
 
 class _Replica:
     leader, view = "node-1", 0
+    executed: dict[str, int] = {}
+
+    def executed_seq(self, request_id: str) -> int | None:
+        return self.executed.get(request_id)
 
     def submit(self, request_id: str, request: bytes, now: int) -> list[Any]:
         return []
@@ -194,3 +198,54 @@ def test_a_failed_store_write_stops_the_node_before_anything_is_sent(service: Va
     future = asyncio.run(run())
     assert [type(e) for e in fatal] == [sqlite3.OperationalError] and driver.failed is fatal[0]
     assert attempts["n"] == 1 and sent == [] and not future.done()
+
+
+def test_a_stored_result_this_node_cannot_decode_is_answered_not_crashed(service: ValidationService) -> None:
+    """A certified outcome in a format this node cannot read (status "Error" in the
+    store) is served with its certificate and an explanation, so validation_status and
+    retries answer instead of failing with HandlerError."""
+    final = _final("u", 4, seq=40)
+    final = Final("u", final.request_digest, b"\xc1 not msgpack", final.certificate, 4, 4, "node-1", 0, False)
+    service.driver.store.put_results([ReplicaDriver._to_stored(final)])
+
+    answer = asyncio.run(service.validation_status({"request_id": "u"}, _Ctx()))
+    assert answer["status"] == "Error" and "cannot be decoded" in answer["error"]
+    assert answer["result"] == b"\xc1 not msgpack" and answer["certificate"] == final.certificate.to_wire()
+    assert answer["metrics"]["validator_nodes"] == 4
+
+
+def test_status_of_a_request_executed_through_a_snapshot_is_pending_not_unknown(service: ValidationService) -> None:
+    """A node that caught up by state transfer knows a request was executed before its
+    certified result arrives from peers: it says Pending, and NotFound only for ids no
+    one ordered."""
+    service.driver.replica.executed = {"x": 7}
+    answer = asyncio.run(service.validation_status({"request_id": "x"}, _Ctx()))
+    assert answer["status"] == "Pending" and answer["request_id"] == "x"
+    with pytest.raises(Exception, match="NotFound"):
+        asyncio.run(service.validation_status({"request_id": "never"}, _Ctx()))
+
+
+def test_retries_answered_from_the_store_count_as_answered_validations(service: ValidationService) -> None:
+    async def run() -> None:
+        task = asyncio.create_task(service._validate_traced("proofs", {"request_id": "r"}, _Span()))
+        await _until(lambda: "r" in service.driver._waiters)
+        service.driver._apply([_final("r", 4, seq=50)])
+        await task
+        await service._validate_traced("proofs", {"request_id": "r"}, _Span())  # the client retries
+
+    asyncio.run(run())
+    labels = {"kind": "proofs", "status": "Valid"}
+    assert _sample(service, "hypermesh_validations_total", labels) == 2
+    assert _sample(service, "hypermesh_validation_latency_seconds_count", {"kind": "proofs"}) == 1
+
+
+def test_a_validation_waiting_at_shutdown_is_answered_pending(service: ValidationService) -> None:
+    async def run() -> tuple[dict[str, Any], int]:
+        task = asyncio.create_task(service._validate_traced("proofs", {"request_id": "s"}, _Span()))
+        await _until(lambda: "s" in service.driver._waiters)
+        released = service.driver.release_waiters()
+        return await asyncio.wait_for(task, 5), released
+
+    answer, released = asyncio.run(run())
+    assert released == 1 and answer["status"] == "Pending" and answer["request_id"] == "s"
+    assert service.driver._waiters == {} and service.in_flight == 0

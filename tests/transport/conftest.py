@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,13 @@ def run(coro: Coroutine[Any, Any, Any], timeout_s: float = 20.0) -> Any:
         return await asyncio.wait_for(coro, timeout_s)
 
     return asyncio.run(bounded())
+
+
+def unused_udp_port(host: str = "::1") -> int:
+    """A UDP port nothing listens on (bound once, then released)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 @dataclass(slots=True)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import gc
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -21,7 +21,7 @@ from transport.quic import ALPN_API, wait_until
 from transport.server import CallContext, HandlerRegistry, Limits, SessionTicketStore, StoqServer, _ServerProtocol
 from transport.tls import TlsConfig
 
-from .conftest import Pki, run
+from .conftest import Pki, run, unused_udp_port
 
 HOST = "::1"
 
@@ -298,15 +298,10 @@ def test_reconnect_after_restart_resumes_session_with_0rtt(pki: Pki) -> None:
     run(body())
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
 
 def test_unreachable_server_gives_transport_error_after_retries(pki: Pki) -> None:
     async def body() -> None:
-        async with _client(pki, _free_udp_port(), retries=2, backoff_s=0.01, timeout_s=5) as client:
+        async with _client(pki, unused_udp_port(HOST), retries=2, backoff_s=0.01, timeout_s=5) as client:
             with pytest.raises(ApiError) as info:
                 await client.call("echo", 1)
             assert info.value.code == ErrorCode.TransportError
@@ -430,3 +425,34 @@ def test_client_tells_the_server_to_stop_an_oversized_response() -> None:
     error, frames = asyncio.run(run())
     assert isinstance(error, ApiError) and error.code == ErrorCode.SerializationError
     assert ("STOP_SENDING", 0, STREAM_CANCELLED) in frames and ("RESET_STREAM", 0, STREAM_CANCELLED) in frames
+
+
+def test_handlers_still_running_when_the_grace_expires_may_answer_before_the_close(pki: Pki) -> None:
+    """The node's shutdown: past --shutdown-grace, on_grace_expired lets waiting
+    handlers answer (the node says Pending) instead of having their streams cancelled."""
+    async def body() -> None:
+        started = asyncio.Event()
+        release = asyncio.Event()
+        expired: list[float] = []
+
+        async def work(payload: Any, ctx: CallContext) -> Any:
+            started.set()
+            await release.wait()
+            return "answered at shutdown"
+
+        def on_grace_expired() -> None:
+            expired.append(time.monotonic())
+            release.set()
+
+        server = StoqServer(HOST, 0, _registry(work=work), pki.tls("node-1"))
+        await server.start()
+        client = _client(pki, server.port, retries=0)
+        call = asyncio.ensure_future(client.call("work"))
+        await asyncio.wait_for(started.wait(), 5)
+        began = time.monotonic()
+        await server.stop(grace_s=0.2, on_grace_expired=on_grace_expired)
+        assert len(expired) == 1 and expired[0] - began >= 0.2
+        assert await asyncio.wait_for(call, 5) == "answered at shutdown"
+        await client.close()
+
+    run(body())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from dataclasses import dataclass, field
 
 import pytest
@@ -13,7 +12,7 @@ from transport.quic import wait_until
 from transport.server import HandlerRegistry, Limits, StoqServer
 from transport.tls import TlsConfig
 
-from .conftest import Pki, run
+from .conftest import Pki, run, unused_udp_port
 
 HOST = "::1"
 
@@ -297,7 +296,7 @@ def test_a_dead_peer_is_redialled_with_exponential_backoff(pki: Pki, monkeypatch
     async def body() -> None:
         node = Node("node-0", pki.tls("node-0"))
         # A closed loopback port: each dial fails at once (ICMP port unreachable).
-        peers = {"node-1": PeerAddress(HOST, _closed_udp_port(), "node-1")}
+        peers = {"node-1": PeerAddress(HOST, unused_udp_port(HOST), "node-1")}
         await node.start_mesh(peers, backoff_s=0.05, max_backoff_s=2.0)
         try:
             assert await wait_until(lambda: len(dials) >= 5, 5.0), dials
@@ -314,8 +313,3 @@ def test_a_dead_peer_is_redialled_with_exponential_backoff(pki: Pki, monkeypatch
 
     run(body())
 
-
-def _closed_udp_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
