@@ -62,14 +62,16 @@ def free_tcp_port() -> int:
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
     while True:
         try:
             if await predicate():
                 return
-        except Exception:  # noqa: BLE001 - a node that is still starting answers with errors
-            pass
+        except Exception as exc:  # noqa: BLE001 - a node that is still starting answers with errors
+            last_error = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+            why = f" (last error: {last_error!r})" if last_error is not None else ""
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}{why}")
         await asyncio.sleep(0.1)
 
 

@@ -30,14 +30,22 @@ async def submit_all(running: RunningCluster, payloads: list[dict[str, Any]], se
             await client.close()
 
 
-async def results_on_every_node(running: RunningCluster, request_ids: list[str], nodes: list[str]) -> None:
-    """Every node stores the same certified result for every request."""
+async def results_on_every_node(running: RunningCluster, request_ids: list[str], nodes: list[str],
+                                timeout_s: float = 30) -> None:
+    """Every node stores the same certified result for every request. A node may still be
+    fetching a result it learnt of late (it answers Pending): wait for it, bounded."""
     async with running.client() as client:
         for request_id in request_ids:
             seen = set()
             for node_id in nodes:
-                status = await client.validation_status(request_id, node_id=node_id)  # verifies the certificate
-                seen.add((status["status"], status["result"], status["metrics"]["seq"]))
+                answer: dict[str, Any] = {}
+
+                async def final(node_id: str = node_id, request_id: str = request_id) -> bool:
+                    answer.update(await client.validation_status(request_id, node_id=node_id))  # verifies the certificate
+                    return answer["status"] != "Pending"
+
+                await wait_until(final, timeout_s, f"{node_id} to hold the result of {request_id}")
+                seen.add((answer["status"], answer["result"], answer["metrics"]["seq"]))
             assert len(seen) == 1, f"{request_id}: nodes disagree: {seen}"
 
 
@@ -109,7 +117,7 @@ def test_leader_kill_9_then_new_view_and_catch_up(make_cluster) -> None:  # type
             return old_leader in seqs and seqs[old_leader] >= max(seqs[n] for n in survivors)
 
     asyncio.run(wait_until(caught_up, 60, f"{old_leader} to catch up after restart"))
-    asyncio.run(results_on_every_node(running, [r["request_id"] for r in second[-3:]], [old_leader]))
+    asyncio.run(results_on_every_node(running, [r["request_id"] for r in second[-3:]], [old_leader, survivors[0]]))
 
 
 def test_accepted_request_survives_a_crash_before_quorum(make_cluster) -> None:  # type: ignore[no-untyped-def]
