@@ -49,6 +49,7 @@ class Result:
     cpu_s: float | None = None
     errors: int = 0
     batches: int = 0  # distinct consensus sequence numbers seen in the answers
+    client_cpu_s: float | None = None  # the load generator's own CPU (it shares the machine)
 
     @property
     def mean_batch(self) -> float:
@@ -66,6 +67,9 @@ class Result:
 
     def cpu_us_per_request(self) -> float | None:
         return None if self.cpu_s is None or not self.requests else self.cpu_s / self.requests * 1e6
+
+    def client_cpu_us_per_request(self) -> float | None:
+        return None if self.client_cpu_s is None or not self.requests else self.client_cpu_s / self.requests * 1e6
 
 
 def _make_batch(args: tuple[dict[str, Any], str, int, int]) -> list[dict[str, Any]]:
@@ -173,12 +177,12 @@ async def closed_loop(manifest: Manifest, payloads: list[dict[str, Any]], concur
                 seqs.add(response.payload["metrics"]["seq"])
             latencies.append((time.perf_counter() - t) * 1000)
 
-    cpu0, t0 = process_cpu_seconds(pids), time.perf_counter()
+    cpu0, own0, t0 = process_cpu_seconds(pids), time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    seconds, cpu = time.perf_counter() - t0, process_cpu_seconds(pids) - cpu0
+    seconds, cpu, own = time.perf_counter() - t0, process_cpu_seconds(pids) - cpu0, time.process_time() - own0
     for client in clients:
         await client.close()
-    return Result(name, len(payloads), seconds, latencies, cpu, errors, len(seqs))
+    return Result(name, len(payloads), seconds, latencies, cpu, errors, len(seqs), own)
 
 
 async def open_loop(manifest: Manifest, payloads: list[dict[str, Any]], rate: float, pids: list[int], name: str) -> Result:
@@ -206,7 +210,7 @@ async def open_loop(manifest: Manifest, payloads: list[dict[str, Any]], rate: fl
         latencies.append((time.perf_counter() - scheduled) * 1000)
 
     tasks = []
-    cpu0, t0 = process_cpu_seconds(pids), time.perf_counter()
+    cpu0, own0, t0 = process_cpu_seconds(pids), time.process_time(), time.perf_counter()
     for index, payload in enumerate(payloads):
         scheduled = t0 + index * interval
         delay = scheduled - time.perf_counter()
@@ -214,10 +218,10 @@ async def open_loop(manifest: Manifest, payloads: list[dict[str, Any]], rate: fl
             await asyncio.sleep(delay)
         tasks.append(asyncio.ensure_future(one(index, payload, scheduled)))
     await asyncio.gather(*tasks)
-    seconds, cpu = time.perf_counter() - t0, process_cpu_seconds(pids) - cpu0
+    seconds, cpu, own = time.perf_counter() - t0, process_cpu_seconds(pids) - cpu0, time.process_time() - own0
     for client in clients:
         await client.close()
-    return Result(name, len(payloads), seconds, latencies, cpu, errors, len(seqs))
+    return Result(name, len(payloads), seconds, latencies, cpu, errors, len(seqs), own)
 
 
 def start_cluster(directory: Path, nodes: int, base_port: int, batch_size: int,
@@ -232,12 +236,14 @@ def start_cluster(directory: Path, nodes: int, base_port: int, batch_size: int,
 
 def report(results: list[Result], validation_cpu_us: float, nodes: int) -> None:
     print()
-    print("| phase | requests | throughput (req/s) | p50 (ms) | p99 (ms) | server CPU/request (µs) | mean batch | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| phase | requests | throughput (req/s) | p50 (ms) | p99 (ms) | server CPU/request (µs) "
+          "| load-generator CPU/request (µs) | mean batch | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        cpu = r.cpu_us_per_request()
+        cpu, own = r.cpu_us_per_request(), r.client_cpu_us_per_request()
         print(f"| {r.name} | {r.requests} | {r.rate:,.0f} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} | "
-              f"{'-' if cpu is None else f'{cpu:,.0f}'} | {r.mean_batch:.1f} | {r.errors} |")
+              f"{'-' if cpu is None else f'{cpu:,.0f}'} | {'-' if own is None else f'{own:,.0f}'} | "
+              f"{r.mean_batch:.1f} | {r.errors} |")
     print()
     print(f"validation CPU per request (in-process, one validator): {validation_cpu_us:,.0f} µs")
     cluster_runs = [r for r in results if r.name.startswith(f"{nodes} nodes") and r.cpu_us_per_request()]

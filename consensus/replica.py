@@ -30,7 +30,7 @@ from consensus.actions import (
     StateTransferred, ViewChanged,
 )
 from consensus.certificate import result_leaf
-from consensus.codec import DecodeError, canonical_pack, unpack_bounded
+from consensus.codec import DecodeError, canonical_pack, pack_trusted, unpack_bounded
 from consensus.evidence import EQUIVOCATION, WRONG_RESULT
 from consensus.keys import KeyRing, NodeKey
 from consensus.messages import (
@@ -1176,11 +1176,12 @@ class Replica:
     # ------------------------------------------------------------------ checkpoints
 
     def _bookkeeping(self) -> list[Any]:
-        return [self._last_executed, self._last_time_ms, [[rid, self._executed[rid]] for rid in sorted(self._executed)],
-                [[s, self._executed_time[s]] for s in sorted(self._executed_time)]]
+        return [self._last_executed, self._last_time_ms, sorted(self._executed.items()), sorted(self._executed_time.items())]
 
     def _make_checkpoint(self, seq: int) -> None:
-        blob = canonical_pack([self.app.snapshot(), self._bookkeeping()])
+        # Every replica must produce the same bytes: pack_trusted is canonical_pack for
+        # these shapes (bytes snapshot, ints, sorted [str, int] / [int, int] pairs).
+        blob = pack_trusted([self.app.snapshot(), self._bookkeeping()])
         digest = snapshot_digest(blob)
         self._own_checkpoints[seq] = (digest, blob)
         wire = self._wire(CheckpointVote(seq, digest))

@@ -20,7 +20,7 @@ from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
-from consensus.codec import DecodeError, canonical_pack, unpack_bounded
+from consensus.codec import DecodeError, canonical_pack, pack_trusted, unpack_bounded
 from consensus.csr import check_csr, check_policy
 from consensus.proofs.binding import request_binding
 from consensus.proofs.params import ValidationParams
@@ -137,8 +137,9 @@ class ValidationState:
         return len(old)
 
     def snapshot(self) -> bytes:
-        """canonical_pack([1, [[holder, ms], ...]]) sorted by holder id."""
-        return canonical_pack([1, [[h, self._heads[h]] for h in sorted(self._heads)]])
+        """canonical_pack([1, [[holder, ms], ...]]) sorted by holder id (holders are
+        distinct 32-byte strings and heads ints: execute() and from_snapshot check)."""
+        return pack_trusted([1, sorted(self._heads.items())])
 
     def digest(self) -> bytes:
         return hashlib.sha256(self.snapshot()).digest()

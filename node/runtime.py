@@ -124,7 +124,9 @@ class ReplicaDriver:
 
     async def _tick_loop(self) -> None:
         while True:
+            woke_due = time.monotonic() + self.tick_interval_s
             await asyncio.sleep(self.tick_interval_s)
+            self.metrics.loop_lag.observe(max(0.0, time.monotonic() - woke_due))
             try:
                 self._apply(self.replica.tick(now_ms()))
                 self._update_gauges()

@@ -194,3 +194,19 @@ def test_unsigned_kinds_must_carry_an_empty_signature() -> None:
     with pytest.raises(codec.DecodeError) as err:
         decode(padded)
     assert err.value.field == "message.signature"
+
+
+def test_pack_trusted_writes_the_canonical_bytes_of_checkpoint_shapes() -> None:
+    """Checkpoints pack their (large) state with pack_trusted; every replica must get
+    the bytes canonical_pack defines, including tuples from sorted(dict.items())."""
+    rng = random.Random(7)
+    for _ in range(50):
+        heads = {rng.randbytes(32): rng.randrange(1 << 62) for _ in range(rng.randrange(0, 40))}
+        executed = {f"req-{rng.randrange(1 << 40)}": rng.randrange(1 << 20) for _ in range(rng.randrange(0, 40))}
+        times = {rng.randrange(1 << 20): rng.randrange(-(1 << 62), 1 << 62) for _ in range(rng.randrange(0, 10))}
+        value = [codec.pack_trusted([1, sorted(heads.items())]), [rng.randrange(1 << 30), 0, sorted(executed.items()),
+                                                                  sorted(times.items())]]
+        expected = codec.canonical_pack([codec.canonical_pack([1, [[h, heads[h]] for h in sorted(heads)]]),
+                                         [value[1][0], 0, [[r, executed[r]] for r in sorted(executed)],
+                                          [[s, times[s]] for s in sorted(times)]]])
+        assert codec.pack_trusted(value) == expected

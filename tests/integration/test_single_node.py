@@ -137,6 +137,7 @@ def test_single_node_validates_every_kind_of_request(server) -> None:  # type: i
     assert samples['hypermesh_errors_total{code="InvalidRequest"}'] >= 1
     assert samples['hypermesh_errors_total{code="NotFound"}'] >= 1
     assert samples['hypermesh_validation_latency_seconds_count{kind="proofs"}'] >= 1
+    assert samples["hypermesh_event_loop_lag_seconds_count"] >= 1  # the tick observes it
 
 
 def test_results_survive_kill_9_and_restart(server) -> None:  # type: ignore[no-untyped-def]

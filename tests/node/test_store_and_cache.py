@@ -148,3 +148,34 @@ def test_wal_is_checkpointed_in_the_background_not_inside_commits(tmp_path: Path
     assert not store._checkpointer._thread.is_alive()
     with sqlite3.connect(str(tmp_path / "node.db")) as db:
         assert db.execute("SELECT COUNT(*) FROM consensus_kv").fetchone()[0] == 200
+
+
+def test_an_oversized_wal_is_truncated_by_the_checkpointer_once_idle_never_in_a_commit(tmp_path: Path) -> None:
+    """SQLite's journal_size_limit truncates the WAL inside the COMMIT that resets it
+    (a 50-65 ms event-loop stall on ext4); the checkpointer does it instead, when no
+    write came for a while."""
+    import time as clock
+
+    from node.store import WalCheckpointer
+
+    store = Store(tmp_path / "node.db")
+    assert store._db.execute("PRAGMA journal_size_limit").fetchone()[0] == -1  # SQLite never truncates
+    store.close()
+    store = Store(tmp_path / "node.db", background_checkpoints=False)
+    store._db.execute("PRAGMA wal_autocheckpoint=0")  # only our checkpointer copies the log
+    wal = tmp_path / "node.db-wal"
+    checkpointer = WalCheckpointer(tmp_path / "node.db", interval_s=0.02, size_limit=1 << 20)
+    try:
+        blob = bytes(range(256)) * 64  # 16 KB
+        for i in range(200):  # ~3 MB of WAL
+            store.apply_records([(f"k/{i}", blob)])
+        assert wal.stat().st_size > 1 << 20
+        deadline = clock.monotonic() + 10
+        while checkpointer.truncations == 0 and clock.monotonic() < deadline:
+            clock.sleep(0.02)
+        assert checkpointer.truncations >= 1 and checkpointer.errors == 0
+        assert wal.stat().st_size < 1 << 20
+        assert store._db.execute("SELECT COUNT(*) FROM consensus_kv").fetchone()[0] == 200
+    finally:
+        checkpointer.stop()
+        store.close()
