@@ -58,11 +58,14 @@ def _has_pip() -> bool:
 
 
 def run(argv: list[str]) -> int:
+    """Become the tool (exec), so Ctrl-C or a supervisor's SIGTERM reaches it directly:
+    a wrapper process in between could die and leave a running cluster behind."""
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(VENV))
-    try:
-        return subprocess.call(argv, cwd=ROOT, env=env)
-    except KeyboardInterrupt:
-        return 130
+    os.chdir(ROOT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
+    return 127  # not reached: execve replaces this process or raises OSError
 
 
 def main() -> int:
