@@ -373,16 +373,27 @@ class Replica:
         for it, so a batch goes out when due rather than at the next coarse ``tick``."""
         if not self.is_leader or self._transfer is not None:
             return None
-        cfg = self.config
-        if self._next_seq > min(self._last_executed + cfg.window, self._stable.seq + cfg.log_size):
+        if self._window_full():
             return None  # execution moves the window; the driver proposes after each pass
         waiting = self._unproposed()
         if not waiting:
             return None
-        arrived = self._pending[next(iter(waiting))].arrived_ms
+        return self._partial_due_ms(self._pending[next(iter(waiting))].arrived_ms)
+
+    def _window_full(self) -> bool:
+        cfg = self.config
+        return self._next_seq > min(self._last_executed + cfg.window, self._stable.seq + cfg.log_size)
+
+    def _partial_due_ms(self, oldest_arrived_ms: int) -> int:
+        """When a partial batch may go out: ``batch_max_delay_ms`` after its oldest
+        request arrived while fewer than ``max_partial_in_flight`` batches are proposed
+        but not executed, else (also) ``batch_max_wait_ms`` after it. The one rule for
+        ``_propose_loop`` and for the driver's timer (``batch_deadline_ms``)."""
+        cfg = self.config
         in_progress = self._next_seq - 1 - self._last_executed
-        wait = cfg.batch_max_delay_ms if in_progress < cfg.max_partial_in_flight else cfg.batch_max_wait_ms
-        return arrived + wait
+        if in_progress < cfg.max_partial_in_flight:
+            return oldest_arrived_ms + cfg.batch_max_delay_ms
+        return oldest_arrived_ms + max(cfg.batch_max_delay_ms, cfg.batch_max_wait_ms)
 
     def tick(self, now_ms: int) -> list[Action]:
         self._now = now_ms
@@ -542,7 +553,7 @@ class Replica:
     def _propose_loop(self, now: int, partial: bool) -> None:
         cfg = self.config
         while self.is_leader:
-            if self._next_seq > min(self._last_executed + cfg.window, self._stable.seq + cfg.log_size):
+            if self._window_full():
                 return
             if self._transfer is not None:
                 return
@@ -550,15 +561,8 @@ class Replica:
             if not waiting:
                 return
             full = len(waiting) >= cfg.batch_max_requests or self._queue_bytes >= MAX_BATCH_BYTES
-            if not full:
-                if not partial:
-                    return
-                waited = now - self._pending[next(iter(waiting))].arrived_ms
-                if waited < cfg.batch_max_delay_ms:
-                    return
-                in_progress = self._next_seq - 1 - self._last_executed
-                if in_progress >= cfg.max_partial_in_flight and waited < cfg.batch_max_wait_ms:
-                    return
+            if not full and (not partial or now < self._partial_due_ms(self._pending[next(iter(waiting))].arrived_ms)):
+                return
             batch: list[tuple[str, bytes]] = []
             size = 0
             for rid in waiting:

@@ -170,7 +170,7 @@ class ValidationService:
         except (asyncio.TimeoutError, NodeStopping):  # --request-timeout, or this node is shutting down
             self.driver.forget_waiter(request.request_id, future)
             # Accepted and durable: the client can poll validation_status for the result.
-            return {"request_id": request.request_id, "status": "Pending", "leader": self.driver.replica.leader}
+            return self._pending_answer(request.request_id)
         else:
             if stored.agreeing < stored.n and self._should_wait_for_votes():
                 stored = await self.driver.wait_for_votes(stored, self.limits.vote_grace_s)
@@ -215,13 +215,14 @@ class ValidationService:
         stored = self.driver.store.get_result(request_id)
         if stored is not None:
             return result_payload(stored)
-        if self.driver.store.get_pending(request_id) is not None:
-            return {"request_id": request_id, "status": "Pending", "leader": self.driver.replica.leader}
-        if self.driver.replica.executed_seq(request_id) is not None:
-            # Executed by the cluster while this node caught up through a snapshot: its
-            # certified result is still being fetched from peers.
-            return {"request_id": request_id, "status": "Pending", "leader": self.driver.replica.leader}
+        # Accepted here and not final yet, or executed by the cluster while this node
+        # caught up through a snapshot (its certified result is still being fetched).
+        if self.driver.store.get_pending(request_id) is not None or self.driver.replica.executed_seq(request_id) is not None:
+            return self._pending_answer(request_id)
         raise ApiError(ErrorCode.NotFound, f"request_id: no request {request_id!r} is known to {self.node_id}")
+
+    def _pending_answer(self, request_id: str) -> dict[str, Any]:
+        return {"request_id": request_id, "status": "Pending", "leader": self.driver.replica.leader}
 
     # -- health, status, evidence -----------------------------------------------------
 

@@ -169,3 +169,24 @@ def test_batch_deadline_says_when_propose_will_send_the_partial_batch() -> None:
     assert _proposals(c) == [1]
     c.handle("node-0", leader.propose(start + 7 + 50))
     assert _proposals(c) == [1, 1]
+
+
+def test_batch_deadline_and_propose_agree_when_the_wait_bound_is_below_the_delay() -> None:
+    """With batch_max_wait_ms < batch_max_delay_ms a partial batch behind one in flight
+    goes out after the delay (both bounds hold); the timer deadline must say the same,
+    or the driver's timer fires, sends nothing and re-arms in a busy loop."""
+    c = Cluster(config=_config(batch_max_delay_ms=20, batch_max_wait_ms=10))
+    c.drop = lambda src, dst, data: True  # nothing commits: the first batch stays in flight
+    leader = c.nodes["node-0"].replica
+    start = c.now
+    c.submit("node-0", "a", b"x")
+    c.handle("node-0", leader.propose(start + 20))
+    assert _proposals(c) == [1]
+    c.now = start + 21
+    c.submit("node-0", "b", b"x")
+    deadline = leader.batch_deadline_ms()
+    assert deadline == start + 21 + 20
+    c.handle("node-0", leader.propose(deadline - 1))
+    assert _proposals(c) == [1]
+    c.handle("node-0", leader.propose(deadline))
+    assert _proposals(c) == [1, 1]
