@@ -2,13 +2,14 @@
 """A/B: the same cluster benchmark on two revisions, interleaved in one run.
 
     .venv/bin/python bench/ab.py --base 3682e50                    # base vs the working tree
-    .venv/bin/python bench/ab.py --base HEAD~3 --nodes 1 --rounds 3
+    .venv/bin/python bench/ab.py --base HEAD~3 --nodes 1 --rounds 4
 
 This machine is shared and its speed drifts by tens of percent between minutes, so two
 separate runs of bench/load.py cannot show a 10 % change. This script checks the base
-revision out into a temporary git worktree and runs the two variants alternately
-(A B A B ...), each time a fresh local cluster on [::1] with the same precomputed kind of
-load, and reports per-variant medians and the B/A ratios.
+revision out into a temporary git worktree and runs the two variants in alternating
+order (A B, B A, A B, ...: whichever goes second in a pair runs slower), each time a
+fresh local cluster on [::1] with the same precomputed kind of load, and reports
+per-variant medians and the B/A ratios.
 
 Each run: ``--requests`` closed-loop requests at ``--concurrency`` in flight (or an open
 loop at ``--rate``) against a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -94,7 +96,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="closed-loop requests in flight (default 64)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="open loop at this many requests/s instead of the closed loop (latency at a fixed load)")
-    parser.add_argument("--rounds", type=int, default=2, help="A/B pairs to run (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="A/B pairs to run; use an even number (default 2)")
     parser.add_argument("--base-port", type=int, default=33292, help="first UDP port on [::1] (default 33292)")
     args = parser.parse_args()
     if not 1 <= args.rounds <= 10 or args.requests < 100:
@@ -105,7 +107,12 @@ def main() -> int:
         try:
             runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
             for round_no in range(1, args.rounds + 1):
-                for name, tree in (("A", base_tree), ("B", ROOT)):
+                # A B, then B A: the run that goes second inherits the first one's disk
+                # writeback and warm-up (the same code measured 1.06-1.29x slower p50
+                # in second place); alternating cancels that out over pairs of rounds.
+                order = (("A", base_tree), ("B", ROOT)) if round_no % 2 else (("B", ROOT), ("A", base_tree))
+                for name, tree in order:
+                    os.sync()  # the previous run's dirty pages go to disk now, not during this run
                     result = run_variant(tree, args)
                     runs[name].append(result)
                     print(f"round {round_no} {name}: {result['rate']:.0f} req/s, {result['cpu_us']:.0f} µs/request, "
