@@ -63,6 +63,18 @@ def _is_ip(host: str) -> bool:
         return False
 
 
+def _node_address(options: InitOptions, index: int) -> tuple[str, str, tuple[str, int]]:
+    """(node id, address text, (host, port)) of node ``index`` from the address template."""
+    node_id = options.names[index - 1] if options.names else node_id_for(index)
+    try:
+        address = options.address_template.format(i=index, port=options.base_port + index - 1, id=node_id)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ManifestError(
+            f"--address-template {options.address_template!r}: {exc!r}; use the fields {{i}}, {{port}} and {{id}}"
+        ) from None
+    return node_id, address, parse_endpoint(address, options.base_port)
+
+
 def init_cluster(out: Path, options: InitOptions, progress: Callable[[str], None] = lambda _m: None) -> Manifest:
     out = Path(out)
     if options.nodes < 1:
@@ -76,6 +88,7 @@ def init_cluster(out: Path, options: InitOptions, progress: Callable[[str], None
             f"{options.nodes} would tolerate no more faults than {3 * ((options.nodes - 1) // 3) + 1}"
         )
     # Everything that can be refused is checked before anything is written or replaced.
+    addresses = [_node_address(options, index) for index in range(1, options.nodes + 1)]
     kem_public, kem_private = kem_scheme("ML-KEM-1024").generate()
     params = _validation_params(kem_public, options.validation_overrides)
     if (out / "manifest.json").exists():
@@ -97,9 +110,7 @@ def init_cluster(out: Path, options: InitOptions, progress: Callable[[str], None
 
     entries: list[NodeEntry] = []
     for index in range(1, options.nodes + 1):
-        node_id = options.names[index - 1] if options.names else node_id_for(index)
-        address = options.address_template.format(i=index, port=options.base_port + index - 1, id=node_id)
-        host, port = parse_endpoint(address, options.base_port)
+        node_id, address, (host, port) = addresses[index - 1]
         progress(f"{node_id}: {options.signing_scheme} signing key and TLS certificate for {address}")
         key = generate_node_key(node_id, options.signing_scheme)
         dns = [node_id, "localhost", *options.extra_dns]

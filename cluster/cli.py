@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import json
 import os
 import signal
@@ -16,6 +17,10 @@ from typing import Any
 import msgpack
 
 DEFAULT_CLUSTER_DIR = os.environ.get("HYPERMESH_CLUSTER", ".cluster")
+
+
+class CliError(Exception):
+    """Bad input on the command line: printed as ``hypermesh: <message>``, exit 2."""
 
 
 def _say(message: str) -> None:
@@ -36,7 +41,10 @@ def to_json(value: Any) -> Any:
 def from_json(value: Any) -> Any:
     """The inverse of ``to_json``: ``"base64:..."`` strings become bytes."""
     if isinstance(value, str) and value.startswith("base64:"):
-        return base64.b64decode(value[7:], validate=True)
+        try:
+            return base64.b64decode(value[7:], validate=True)
+        except binascii.Error as exc:
+            raise CliError(f"{value[:40]!r} is not valid base64 after 'base64:' ({exc})") from None
     if isinstance(value, dict):
         return {k: from_json(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -45,16 +53,35 @@ def from_json(value: Any) -> Any:
 
 
 def load_payload(text: str | None, file: str | None) -> Any:
+    """The payload of ``--payload JSON`` or ``--payload-file FILE`` (msgpack or JSON)."""
     if text is not None and file is not None:
-        raise SystemExit("hypermesh: give --payload or --payload-file, not both")
+        raise CliError("give --payload or --payload-file, not both")
     if file is not None:
-        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        data = sys.stdin.buffer.read() if file == "-" else _read_file(file, "--payload-file")
         if file.endswith(".msgpack") or (data[:1] and data[:1] not in b"{[ \n\t\""):
-            return msgpack.unpackb(data, raw=False)
-        return from_json(json.loads(data))
+            try:
+                return msgpack.unpackb(data, raw=False)
+            except (ValueError, msgpack.UnpackException) as exc:  # ExtraData is a ValueError
+                raise CliError(f"--payload-file {file}: not a msgpack payload ({exc}); "
+                               "give a .msgpack file from 'hypermesh proofs make --out' or JSON") from None
+        return from_json(_parse_json(data, f"--payload-file {file}"))
     if text is not None:
-        return from_json(json.loads(text))
+        return from_json(_parse_json(text, "--payload"))
     return None
+
+
+def _read_file(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+def _parse_json(data: str | bytes, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CliError(f"{what}: not valid JSON ({exc})") from None
 
 
 def _endpoints(values: list[str] | None) -> list[tuple[str, int]] | None:
@@ -76,7 +103,8 @@ def cmd_cluster_init(args: argparse.Namespace) -> int:
         address_template=args.address_template,
         base_port=args.base_port,
         signing_scheme=args.signing_scheme,
-        extra_dns=tuple(args.extra_dns or ("consensus",)),
+        # The shared name stays: clients using --endpoint check it (cluster/client.py).
+        extra_dns=tuple(dict.fromkeys(("consensus", *(args.extra_dns or ())))),
         force=args.force,
         validation_overrides=parse_overrides(args.param or []),
     )
@@ -141,9 +169,21 @@ async def _with_client(args: argparse.Namespace, work: Any) -> Any:
     from .client import ClusterClient
 
     async with ClusterClient.from_manifest(
-        Path(args.cluster), endpoints=_endpoints(getattr(args, "endpoint", None)), timeout_s=args.timeout
+        Path(args.cluster), endpoints=_endpoints(getattr(args, "endpoint", None)), timeout_s=args.timeout,
+        client_cert=client_certificate(Path(args.cluster), getattr(args, "client_cert", None)),
     ) as client:
         return await work(client)
+
+
+def client_certificate(cluster_dir: Path, chosen: str | None) -> tuple[bytes, bytes] | None:
+    """The client certificate to present (nodes started with ``--client-auth required``
+    refuse clients without one): ``--client-cert DIR`` if given, else the cluster
+    directory's ``client/`` when it holds one (``hypermesh cluster init`` writes it)."""
+    directory = Path(chosen) if chosen else cluster_dir / "client"
+    cert, key = directory / "tls.pem", directory / "tls.key"
+    if chosen is None and not (cert.exists() and key.exists()):
+        return None
+    return _read_file(str(cert), "--client-cert"), _read_file(str(key), "--client-cert")
 
 
 VALIDATE_PATHS = ("consensus/validate_proofs", "consensus/validate_certificate")
@@ -151,15 +191,12 @@ STATUS_PATH = "consensus/validation_status"
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from transport.envelope import ApiError
-
     from .client import FINAL_STATUSES, UnverifiedResult
 
     payload = load_payload(args.payload, args.payload_file)
     request_id = payload.get("request_id") if isinstance(payload, dict) else None
     if args.path == STATUS_PATH and not isinstance(request_id, str):
-        print('error: consensus/validation_status needs a payload {"request_id": "..."}', file=sys.stderr)
-        return 2
+        raise CliError('consensus/validation_status needs a payload {"request_id": "..."}')
 
     async def work(client: Any) -> tuple[Any, bool]:
         """The answer, and whether its certificate was verified."""
@@ -175,9 +212,6 @@ def cmd_call(args: argparse.Namespace) -> int:
 
     try:
         result, verified = asyncio.run(_with_client(args, work))
-    except ApiError as exc:
-        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
-        return 2
     except UnverifiedResult as exc:
         print(f"UNVERIFIED RESULT: {exc}", file=sys.stderr)
         return 3
@@ -223,6 +257,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     try:
         health = asyncio.run(_with_client(args, work))
+    except CliError:
+        raise  # bad input, not an unhealthy node
     except Exception as exc:  # noqa: BLE001 - a health probe reports every failure the same way
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
@@ -248,6 +284,9 @@ def _client_options(parser: argparse.ArgumentParser, timeout_s: float = 30.0) ->
                         help="connect here instead of the manifest's addresses (repeatable; e.g. [::1]:9292)")
     parser.add_argument("--timeout", type=float, default=timeout_s, metavar="SECONDS",
                         help=f"per-call timeout (default {timeout_s:g})")
+    parser.add_argument("--client-cert", metavar="DIR",
+                        help="directory with tls.pem and tls.key to present to nodes that require client "
+                        "certificates (default: the cluster directory's client/, when present)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"hypermesh {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    cluster = sub.add_parser("cluster", help="create and manage a cluster's keys and manifest")
+    cluster = sub.add_parser("cluster", help="create and manage a cluster's keys and manifest",
+                             description="Cluster key material. 'cluster init' creates the CA, node certificates, "
+                             "signing keys, the cluster ML-KEM key and manifest.json in one directory.")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
     init = cluster_sub.add_parser(
         "init", help="create the CA, node certificates, signing keys, the cluster KEM key and the manifest",
@@ -290,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=("ML-DSA-87", "ML-DSA-65", "ML-DSA-44", "FALCON-1024", "Ed25519"),
                       help="consensus signing scheme of the nodes (default ML-DSA-65, post-quantum; Ed25519 is ~20x faster to sign)")
     init.add_argument("--extra-dns", action="append", metavar="NAME",
-                      help="extra DNS name in every node certificate (default 'consensus', the shared service alias)")
+                      help="extra DNS name in every node certificate (repeatable); 'consensus', the shared name that "
+                      "clients using --endpoint check, is always included")
     init.add_argument("--param", action="append", metavar="NAME=VALUE",
                       help="override a validation parameter (repeatable): an integer, true/false, or a JSON list, "
                       "e.g. min_stake=5000, allow_wildcards=false, accepted_ec_curves='[\"secp384r1\"]'")
@@ -310,9 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--metrics-base-port", type=int, default=9464, help="Prometheus port of node-1; 0 disables (default 9464)")
     up.add_argument("--fresh", action="store_true", help="delete the cluster directory (keys and data) first")
     up.add_argument("--cache", action="store_true", help="enable each node's result cache")
-    up.add_argument("--param", action="append", metavar="NAME=VALUE", help="validation parameter for a new cluster")
-    up.add_argument("--log-level", default="info", choices=("trace", "debug", "info", "warn", "error"))
-    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the nodes to become healthy")
+    up.add_argument("--param", action="append", metavar="NAME=VALUE",
+                    help="validation parameter for a new cluster (repeatable; see 'cluster init --help')")
+    up.add_argument("--log-level", default="info", choices=("trace", "debug", "info", "warn", "error"),
+                    help="every node's log level (default info); logs go to DIR/logs/<node-id>.log")
+    up.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds to wait for the nodes to become healthy (default 60)")
     up.set_defaults(func=cmd_up)
 
     call = sub.add_parser(
@@ -337,18 +382,28 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(call)
     call.set_defaults(func=cmd_call)
 
-    status = sub.add_parser("status", help="a table of nodes: health, view, leader, last committed sequence, evidence")
+    status = sub.add_parser("status", help="a table of nodes: health, view, leader, last committed sequence, evidence",
+                            description="Ask every node of the manifest for cluster/status and print one row per "
+                            "node: health, view, the leader it follows, last executed sequence, stable checkpoint, "
+                            "results stored and evidence recorded. Exit 1 when a node is unreachable.",
+                            epilog="Example: hypermesh status --cluster .cluster")
     status.add_argument("--json", action="store_true", help="print every node's cluster/status as JSON")
     _client_options(status)
     status.set_defaults(func=cmd_status)
 
     health = sub.add_parser("health", help="exit 0 when the node answers consensus/health healthy (for health checks)",
+                            description="Call consensus/health once and exit 0 if the answer is 'healthy', 1 "
+                            "otherwise (unreachable, unhealthy, timed out). Meant for container health checks.",
                             epilog="Example: hypermesh health --cluster /cluster --endpoint [::1]:9292")
     health.add_argument("-v", "--verbose", action="store_true", help="print the whole health document")
     _client_options(health, timeout_s=5.0)  # a health probe must answer fast
     health.set_defaults(func=cmd_health)
 
-    evidence = sub.add_parser("evidence", help="Byzantine evidence a node has recorded (signed, re-checkable)")
+    evidence = sub.add_parser("evidence", help="Byzantine evidence a node has recorded (signed, re-checkable)",
+                              description="Print consensus/evidence as JSON: each entry names the accused node, the "
+                              "kind (e.g. equivocation) and the signed messages that prove it, so anyone holding the "
+                              "manifest can check it again.",
+                              epilog="Example: hypermesh evidence --node node-1 --accused node-3")
     evidence.add_argument("--node", metavar="ID", help="ask this node (default: any)")
     evidence.add_argument("--accused", metavar="ID", help="only evidence against this node")
     _client_options(evidence)
@@ -364,18 +419,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command; bad input and cluster errors become one line on stderr."""
+    from transport.envelope import ApiError
+
     from .manifest import ManifestError
 
     try:
         return int(args.func(args) or 0)
-    except ManifestError as exc:
+    except (ManifestError, CliError) as exc:
         print(f"hypermesh: {exc}", file=sys.stderr)
+        return 2
+    except ApiError as exc:  # the cluster answered with an error (or could not be reached)
+        print(f"hypermesh: error {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the command writes or reads
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"hypermesh: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from consensus.crypto import kem_scheme
 from consensus.proofs.params import ValidationParams
 from consensus.prover import FAULTS, HolderKeys, StorageCommitment, make_certificate_request, make_proof_set
 
-from .cli import to_json
+from .cli import CliError, _read_file, run_command, to_json
 
 MAKE_EPILOG = """\
 examples:
@@ -90,8 +90,12 @@ def _load_holder(path: str | None, scheme: str) -> HolderKeys:
         holder = HolderKeys.generate(scheme)
         print(f"warning: no --key given; made a one-off {scheme} holder {holder.holder_id.hex()}", file=sys.stderr)
         return holder
-    data = json.loads(Path(path).read_text())
-    return HolderKeys(data["scheme"], base64.b64decode(data["public_key"]), base64.b64decode(data["private_key"]))
+    try:
+        data = json.loads(_read_file(path, "--key"))
+        return HolderKeys(data["scheme"], base64.b64decode(data["public_key"], validate=True),
+                          base64.b64decode(data["private_key"], validate=True))
+    except (ValueError, TypeError, KeyError) as exc:  # JSON, base64, a missing or mistyped field
+        raise CliError(f"--key {path}: not a holder key file from 'hypermesh proofs keygen' ({exc!r})") from None
 
 
 def _parse_broken(value: str | None) -> tuple[str, str] | None:
@@ -124,10 +128,7 @@ def cmd_make(args: argparse.Namespace) -> int:
         if not args.common_name:
             print("error: --kind certificate needs --common-name", file=sys.stderr)
             return 2
-        csr = None
-        if args.csr:
-            raw = Path(args.csr).read_bytes()
-            csr = raw if not raw.lstrip().startswith(b"-----") else _pem_to_der(raw)
+        csr = _load_csr(args.csr) if args.csr else None
         payload = make_certificate_request(
             request_id, params, holder, now, common_name=args.common_name,
             san_entries=args.san if args.san else None, validity_days=args.validity_days,
@@ -145,11 +146,19 @@ def cmd_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pem_to_der(raw: bytes) -> bytes:
+def _load_csr(path: str) -> bytes:
+    """A PKCS#10 CSR file, PEM or DER, as DER."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    return x509.load_pem_x509_csr(raw).public_bytes(Encoding.DER)
+    raw = _read_file(path, "--csr")
+    try:
+        if raw.lstrip().startswith(b"-----"):
+            return x509.load_pem_x509_csr(raw).public_bytes(Encoding.DER)
+        x509.load_der_x509_csr(raw)
+        return raw
+    except ValueError as exc:
+        raise CliError(f"--csr {path}: not a PKCS#10 certificate request in PEM or DER ({exc})") from None
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -159,6 +168,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     Path(args.out).chmod(0o600)
     print(f"wrote {args.out}: {holder.scheme} holder {holder.holder_id.hex()}", file=sys.stderr)
     return 0
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more (use --broken stake:amount for a stake below the minimum)")
+    return value
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -173,14 +189,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     make.add_argument("--request-id", default=None,
                       help="1..128 characters of [A-Za-z0-9._:-]; every proof is bound to it (default: a fresh req-<random>)")
     make.add_argument("--kind", choices=("proofs", "certificate"), default="proofs",
-                      help="proofs -> consensus/validate_proofs; certificate -> consensus/validate_certificate")
+                      help="proofs -> consensus/validate_proofs; certificate -> consensus/validate_certificate "
+                      "(default proofs)")
     make.add_argument("--manifest", "--params", dest="manifest", metavar="FILE",
                       help="cluster manifest JSON (its 'validation' section gives the KEM key, difficulty, minimums)")
     make.add_argument("--key", metavar="FILE", help="holder key from 'proofs keygen' (default: a one-off key)")
     make.add_argument("--scheme", default="FALCON-1024",
                       choices=("FALCON-1024", "ML-DSA-87", "ML-DSA-65", "ML-DSA-44", "Ed25519"),
                       help="stake signature scheme for a one-off key (default FALCON-1024)")
-    make.add_argument("--amount", type=int, help="stake amount (default: the cluster minimum)")
+    make.add_argument("--amount", type=_non_negative, help="stake amount (default: the cluster minimum)")
     make.add_argument("--timestamp-ms", type=int, help="time proof in Unix ms (default: now); must be within the "
                       "cluster's offset of consensus time and after this holder's last accepted one")
     make.add_argument("--storage-bytes", type=int, help="size of the storage commitment (default: the cluster minimum)")
@@ -205,8 +222,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hypermesh")
     add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

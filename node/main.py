@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="HyperMesh Consensus validator: serves the STOQ API (QUIC over IPv6, TLS 1.3) and takes part "
         "in PBFT consensus with the other validators of its cluster.",
         epilog="Examples:\n"
-        "  consensus-server                                   # single node on [::]:9292, keys in ./data\n"
+        "  consensus-server                                   # single node on [::]:9292, keys in ./data/<node-id>/cluster\n"
         "  consensus-server --port 9292 --cache               # with the result cache\n"
         "  consensus-server --cluster .cluster --node-id node-1 --data-dir data/node-1\n"
         "\n"

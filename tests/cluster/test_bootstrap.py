@@ -116,3 +116,24 @@ def test_cli_init_force_with_a_bad_param_keeps_the_existing_cluster(tmp_path: Pa
     assert main(argv) == 2
     assert load_manifest(out).cluster_id == first.cluster_id
     load_node_key(load_manifest(out), "node-1")  # the node keys are still there
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--address-template", "node-{x}:9292"], "{i}, {port} and {id}"),
+    (["--base-port", "70000"], "port out of range"),
+])
+def test_cli_init_refuses_a_bad_address_before_writing_anything(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
+    out = tmp_path / "c"
+    assert main(["cluster", "init", "--nodes", "4", "--out", str(out), *argv]) == 2
+    assert says in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_extra_dns_keeps_the_shared_name_clients_check(tmp_path: Path) -> None:
+    """Clients given --endpoint check the name 'consensus' (cluster/client.py)."""
+    assert main(["cluster", "init", "--nodes", "1", "--out", str(tmp_path / "c"), "--signing-scheme", "Ed25519",
+                 "--extra-dns", "validators.example"]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "nodes" / "node-1" / "tls.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "consensus" in names and "validators.example" in names

@@ -151,3 +151,62 @@ def test_proofs_make_help_documents_the_json_bytes_form(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         main(["proofs", "make", "--help"])
     assert '"base64:' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--payload-file", "missing.json"], "--payload-file missing.json: No such file"),
+    (["--payload", "{bad"], "--payload: not valid JSON"),
+    (["--payload", '"base64:!!"'], "is not valid base64"),
+    (["--payload-file", "{ca}"], "not a msgpack payload"),
+])
+def test_call_bad_payloads_are_named_not_tracebacks(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        argv: list[str], says: str) -> None:
+    fake = FakeCluster(monkeypatch, lambda _path, _payload: pytest.fail("nothing may be sent"))
+    argv = [a.replace("{ca}", str(manifest.directory / "ca.pem")) for a in argv]
+    assert main(["call", "consensus/validate_proofs", *argv, "--cluster", str(manifest.directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hypermesh: ") and says in err and "Traceback" not in err
+    assert fake.routes == []
+
+
+def test_cluster_errors_of_any_command_are_one_line(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from transport.envelope import ApiError, ErrorCode
+
+    def refuse(_path: str, _payload: Any) -> Any:
+        raise ApiError(ErrorCode.TransportError, "network error: connection refused")
+
+    FakeCluster(monkeypatch, refuse)
+    assert main(["evidence", "--node", "node-1", "--cluster", str(manifest.directory)]) == 2
+    assert capsys.readouterr().err == "hypermesh: error TransportError: network error: connection refused\n"
+
+
+def test_client_certificate_comes_from_the_cluster_directory_or_the_flag(
+        manifest: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Nodes run with --client-auth required refuse a client without a certificate: the
+    CLI presents the one 'cluster init' wrote, or the one --client-cert names."""
+    presented: list[tuple[bytes, bytes] | None] = []
+    real_init = ClusterClient.__init__
+
+    def spy(self: ClusterClient, *args: Any, **kwargs: Any) -> None:
+        presented.append(kwargs.get("client_cert"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClusterClient, "__init__", spy)
+    FakeCluster(monkeypatch, lambda _path, _payload: {"status": "healthy", "node_id": "node-1"})
+    directory = manifest.directory
+    assert main(["health", "--cluster", str(directory)]) == 0
+    own = ((directory / "client" / "tls.pem").read_bytes(), (directory / "client" / "tls.key").read_bytes())
+    assert presented[-1] == own
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tls.pem").write_bytes(b"cert")
+    (other / "tls.key").write_bytes(b"key")
+    assert main(["health", "--cluster", str(directory), "--client-cert", str(other)]) == 0
+    assert presented[-1] == (b"cert", b"key")
+
+    assert main(["health", "--cluster", str(directory), "--client-cert", str(tmp_path / "none")]) == 2
+    assert "--client-cert" in capsys.readouterr().err

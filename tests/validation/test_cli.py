@@ -99,3 +99,23 @@ def test_help_has_examples(capsys):
         main(["proofs", "make", "--help"])
     text = capsys.readouterr().out
     assert "examples:" in text and "space:path" in text and "space.bad_path" in text
+
+
+def test_bad_files_are_named_not_tracebacks(manifest, tmp_path, capsys):
+    not_a_key = tmp_path / "k.json"
+    not_a_key.write_text('{"public_key": "AA=="}')
+    cases = [
+        (["--key", str(tmp_path / "missing.json")], "--key"),
+        (["--key", str(not_a_key)], "not a holder key file"),
+        (["--kind", "certificate", "--common-name", "a.example", "--csr", str(tmp_path / "missing.csr")], "--csr"),
+        (["--kind", "certificate", "--common-name", "a.example", "--csr", str(not_a_key)], "not a PKCS#10"),
+    ]
+    for argv, says in cases:
+        assert main(["proofs", "make", "--manifest", str(manifest), "--scheme", "ML-DSA-44", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "hypermesh: " in err and says in err and "Traceback" not in err, err
+    assert main(["proofs", "keygen", "--out", str(tmp_path / "no-such-dir" / "k.json")]) == 2
+    assert "no-such-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["proofs", "make", "--manifest", str(manifest), "--amount", "-5"])
+    assert exit_info.value.code == 2 and "stake:amount" in capsys.readouterr().err
