@@ -8,6 +8,7 @@ trap (NaN, -0.0, rounding across platforms).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from typing import Any
 
@@ -73,23 +74,40 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"extension type {code} is not allowed")
 
 
-def unpack_bounded(data: bytes, *, max_size: int, field: str = "message", max_depth: int = MAX_DEPTH) -> Any:
-    """Decode msgpack from an untrusted peer: size, container length, depth and map key
-    types are all bounded, and extension types and trailing bytes are refused."""
+def unpackb_without_gc(data: bytes, **options: Any) -> Any:
+    """``msgpack.unpackb`` with the cyclic GC paused: unpacking creates no cycles, and
+    collections triggered by millions of fresh containers made a hostile 8 MB frame of
+    empty arrays take 2.3 s to decode instead of 0.3 s."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return msgpack.unpackb(data, **options)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def unpack_bounded(data: bytes, *, max_size: int, field: str = "message", max_depth: int | None = MAX_DEPTH,
+                   max_container: int = 100_000) -> Any:
+    """Decode msgpack from an untrusted peer: size, container length (``max_container``
+    elements per array or map), depth and map key types are all bounded, and extension
+    types and trailing bytes are refused. ``max_depth=None`` skips the depth walk, for
+    callers whose typed parser checks every element's type at a fixed depth anyway (the
+    walk visits every element: seconds for megabytes of empty arrays)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError(field, f"expected bytes, got {type(data).__name__}")
     if len(data) > max_size:
         raise DecodeError(field, f"{len(data)} bytes exceeds the limit of {max_size}")
     try:
-        value = msgpack.unpackb(
+        value = unpackb_without_gc(
             data,
             raw=False,
             strict_map_key=True,
             use_list=True,
             max_str_len=max_size,
             max_bin_len=max_size,
-            max_array_len=min(max_size, 100_000),
-            max_map_len=min(max_size, 100_000),
+            max_array_len=min(max_size, max_container),
+            max_map_len=min(max_size, max_container),
             max_ext_len=0,
             ext_hook=_refuse_ext,  # max_ext_len=0 still lets an empty extension through
         )
@@ -97,7 +115,8 @@ def unpack_bounded(data: bytes, *, max_size: int, field: str = "message", max_de
         raise DecodeError(field, "trailing bytes after the message") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise DecodeError(field, f"not valid msgpack ({exc.__class__.__name__}: {exc})") from None
-    check_depth(value, max_depth, field)
+    if max_depth is not None:
+        check_depth(value, max_depth, field)
     return value
 
 

@@ -346,7 +346,9 @@ def encode_signed(cluster_id: str, signer: str, payload: Body, signature: bytes)
 def decode(data: bytes, max_size: int = MAX_MESSAGE_BYTES) -> Message:
     """Bounded decode into a typed message. Raises ``DecodeError`` naming the field.
     Does not check the signature (that needs the key ring): see ``verify``."""
-    value = unpack_bounded(data, max_size=max_size, field="message")
+    # No generic depth walk: the typed parsers below check every element at its fixed
+    # place and refuse anything else at once (the C unpacker bounds recursion itself).
+    value = unpack_bounded(data, max_size=max_size, field="message", max_depth=None, max_container=MAX_BATCH_REQUESTS)
     if not isinstance(value, list) or len(value) != 6:
         raise DecodeError("message", "expected a 6-element array")
     magic, kind, cluster_id, signer, body, signature = value

@@ -15,6 +15,11 @@ import msgpack
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_ENVELOPE_BYTES = 1 << 20
 MAX_DEPTH = 32
+# A request's payload: at most this many elements in one array or map, and in all. A
+# legitimate one holds a few dozen (1,000 SAN entries at most); without a bound, 1 MiB of
+# empty maps decodes to a million objects that take the event loop a second to check.
+MAX_REQUEST_CONTAINER_ITEMS = 4096
+MAX_REQUEST_VALUES = 65_536
 MAX_ID_CHARS = 128
 MAX_SERVICE_CHARS = 64
 MAX_PATH_CHARS = 128
@@ -88,7 +93,7 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise _ExtRefused(code)
 
 
-def _unpack(data: bytes | bytearray | memoryview, max_bytes: int, what: str) -> Any:
+def _unpack(data: bytes | bytearray | memoryview, max_bytes: int, what: str, max_items: int | None = None) -> Any:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise _invalid(what, f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
@@ -105,6 +110,8 @@ def _unpack(data: bytes | bytearray | memoryview, max_bytes: int, what: str) -> 
             use_list=True,
             ext_hook=_refuse_ext,
             timestamp=0,
+            max_array_len=max_items or len(data),
+            max_map_len=max_items or len(data),
         )
     except msgpack.ExtraData:
         raise _invalid(what, "trailing bytes after the envelope") from None
@@ -115,22 +122,23 @@ def _unpack(data: bytes | bytearray | memoryview, max_bytes: int, what: str) -> 
     return value
 
 
-def _check_tree(value: Any, field_name: str) -> None:
-    """Reject nesting deeper than MAX_DEPTH and any non-plain type (e.g. Timestamp).
+def _check_tree(value: Any, field_name: str, max_values: int | None = None) -> None:
+    """Reject nesting deeper than MAX_DEPTH, more than ``max_values`` elements in all,
+    and any non-plain type (e.g. Timestamp).
 
     Iterative so a hostile document cannot exhaust the Python stack."""
     stack: list[tuple[Any, int]] = [(value, 0)]
+    budget = max_values
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
+        if isinstance(item, (dict, list)):
             if depth >= MAX_DEPTH:
                 raise _invalid(field_name, f"nested deeper than {MAX_DEPTH} levels")
-            for key, sub in item.items():
-                stack.append((sub, depth + 1))
-        elif isinstance(item, list):
-            if depth >= MAX_DEPTH:
-                raise _invalid(field_name, f"nested deeper than {MAX_DEPTH} levels")
-            stack.extend((sub, depth + 1) for sub in item)
+            if budget is not None:
+                budget -= len(item)
+                if budget < 0:
+                    raise _invalid(field_name, f"more than {max_values} values in all")
+            stack.extend((sub, depth + 1) for sub in (item.values() if isinstance(item, dict) else item))
         elif item is None or isinstance(item, (bool, int, float, str, bytes)):
             continue
         else:
@@ -193,13 +201,13 @@ def _pack(value: Any, max_bytes: int, what: str) -> bytes:
 
 
 def decode_request(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> Request:
-    value = _check_map(_unpack(data, max_bytes, "envelope"), REQUEST_FIELDS, ("id", "path"))
+    value = _check_map(_unpack(data, max_bytes, "envelope", MAX_REQUEST_CONTAINER_ITEMS), REQUEST_FIELDS, ("id", "path"))
     request_id = _check_str(value["id"], "id", 1, MAX_ID_CHARS)
     service = _check_str(value.get("service", DEFAULT_SERVICE), "service", 0, MAX_SERVICE_CHARS)
     path = _check_str(value["path"], "path", 1, MAX_PATH_CHARS)
     metadata = _check_metadata(value.get("metadata"))
     payload = value.get("payload")
-    _check_tree(payload, "payload")
+    _check_tree(payload, "payload", MAX_REQUEST_VALUES)
     return Request(id=request_id, path=path, payload=payload, service=service, metadata=metadata)
 
 

@@ -210,3 +210,34 @@ def test_pack_trusted_writes_the_canonical_bytes_of_checkpoint_shapes() -> None:
                                          [value[1][0], 0, [[r, executed[r]] for r in sorted(executed)],
                                           [[s, times[s]] for s in sorted(times)]]])
         assert codec.pack_trusted(value) == expected
+
+
+def test_bounded_decode_pauses_the_gc_and_restores_its_state() -> None:
+    import gc
+
+    assert gc.isenabled()
+    assert codec.unpackb_without_gc(codec.canonical_pack([[1], [2]])) == [[1], [2]]
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        codec.unpackb_without_gc(b"\x90")
+        assert not gc.isenabled()  # it was off: left off
+    finally:
+        gc.enable()
+    with pytest.raises(codec.DecodeError):
+        codec.unpack_bounded(b"\xc1", max_size=10)
+    assert gc.isenabled()  # also after a failure
+
+
+def test_wire_messages_bound_each_array_and_fail_on_the_first_misplaced_element() -> None:
+    """A peer's frame of megabytes of tiny arrays: every array is capped at a batch's
+    request count, and the typed parser refuses the first element out of place."""
+    from consensus.messages import MAGIC, MAX_BATCH_REQUESTS, decode
+
+    too_wide = codec.canonical_pack([MAGIC, "pre-prepare", "c", "n", [1, 1, 0, [[]] * (MAX_BATCH_REQUESTS + 1), b""], b""])
+    with pytest.raises(codec.DecodeError, match="max_array_len"):
+        decode(too_wide)
+    misplaced = codec.canonical_pack([MAGIC, "pre-prepare", "c", "n", [1, 1, 0, [[[]] * 4000] * 100, b"\x00" * 32], b""])
+    with pytest.raises(codec.DecodeError) as info:
+        decode(misplaced)
+    assert info.value.field == "pre-prepare.requests[0]"

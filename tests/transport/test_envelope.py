@@ -193,3 +193,16 @@ def test_unknown_error_code_from_newer_server_is_kept_visible() -> None:
     response = decode_response(data)
     assert response.error is not None and response.error.code == ErrorCode.HandlerError
     assert response.error.message == "[Teapot] short"
+
+
+def test_payload_element_counts_are_bounded() -> None:
+    """1 MiB of tiny elements is a million objects to build and walk on the event loop: a
+    request's payload may hold 4,096 elements per array or map, 65,536 in all."""
+    _expect_invalid(_pack(_raw(payload=[0] * 4097)), "envelope: not valid msgpack")
+    _expect_invalid(_pack(_raw(payload={f"k{i}": 0 for i in range(4097)})), "envelope: not valid msgpack")
+    _expect_invalid(_pack(_raw(payload=[[{}] * 4096] * 17)), "payload: more than 65536 values in all")
+    wide = [[0] * 4096] * 15  # 61,455 values: within the bounds
+    assert decode_request(_pack(_raw(payload=wide))).payload == wide
+    # Responses (from the server the client chose to trust) may carry longer lists.
+    big = _pack({"v": 1, "request_id": "r", "ok": True, "payload": [0] * 5000, "error": None, "metadata": {}})
+    assert len(decode_response(big).payload) == 5000
