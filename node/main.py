@@ -201,6 +201,7 @@ async def serve(args: argparse.Namespace) -> int:
         Limits(request_timeout_s=args.request_timeout + 5, max_datagram_size=args.max_datagram_size),
         peer_frame_handler=mesh.deliver,
         peer_connected=mesh.peer_connected,
+        peer_members=peers.keys(),
     )
     await server.start()
     mesh_holder["mesh"] = mesh

@@ -278,7 +278,11 @@ class ReplicaDriver:
                     self.on_fatal(exc)
                 return
         for to, payload in sends:
-            self._send(to, payload)
+            try:
+                self._send(to, payload)
+            except (ValueError, KeyError) as exc:  # larger than a peer frame; unknown peer
+                # The rest of this pass (other sends, the answers) must still go out.
+                log.error("consensus message of %d bytes not sent to %s: %s", len(payload), to or "the peers", exc)
         for result, final in zip(stored, finals):
             if final.late and result.request_id in self._vote_events:
                 self._vote_events[result.request_id].set()

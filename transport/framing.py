@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-DEFAULT_MAX_FRAME_BYTES = 8 << 20
+# As large as the largest consensus message (consensus/messages.py MAX_MESSAGE_BYTES): a
+# view change carries the batches prepared since the last stable checkpoint, a state
+# reply the replicated state. A peer link has one stream, so one frame is what a
+# (validator) peer can make us buffer.
+DEFAULT_MAX_FRAME_BYTES = 64 << 20
 HEADER = 4
 
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -35,6 +35,7 @@ from .quic import (
     ALPN_API,
     ALPN_PEER,
     CLOSE_FRAME_TOO_LARGE,
+    CLOSE_PROTOCOL_VIOLATION,
     CLOSE_SHUTTING_DOWN,
     CLOSE_UNAUTHORIZED,
     STREAM_TOO_LARGE,
@@ -232,6 +233,10 @@ class _ServerProtocol(CoalescingProtocol):
             return self._reject("a client certificate signed by the cluster CA is required")
         if alpn == ALPN_PEER and server.peer_frame_handler is None:
             return self._reject("this server does not accept peer connections")
+        if alpn == ALPN_PEER and server.peer_members is not None and identity not in server.peer_members:
+            # Any certificate of the cluster CA verifies (the client one too): only
+            # validators may open a link that buffers whole consensus frames.
+            return self._reject(f"{identity!r} is not a validator of this cluster")
         self._identity = identity
         self._authorized = True
         if alpn == ALPN_PEER and server.peer_connected is not None and identity is not None:
@@ -250,6 +255,12 @@ class _ServerProtocol(CoalescingProtocol):
     def _peer_data(self, event: events.StreamDataReceived) -> None:
         decoder = self._decoders.get(event.stream_id)
         if decoder is None:
+            if self._decoders:
+                # A peer sends every frame on its link's one stream (docs/PROTOCOL.md §4);
+                # more streams would each buffer up to a whole frame.
+                log.warning("peer %s opened a second stream on its link: closing it", self._identity)
+                self.close(error_code=CLOSE_PROTOCOL_VIOLATION, reason_phrase="peer links use one stream")
+                return
             decoder = self._decoders[event.stream_id] = FrameDecoder(self._server.limits.max_frame_bytes)
         try:
             frames = decoder.feed(event.data)
@@ -428,6 +439,7 @@ class StoqServer:
         *,
         peer_frame_handler: PeerFrameHandler | None = None,
         peer_connected: Callable[[str], None] | None = None,
+        peer_members: Collection[str] | None = None,
         ticket_store: SessionTicketStore | None = None,
     ) -> None:
         self.host = host
@@ -437,6 +449,8 @@ class StoqServer:
         self.limits = limits or Limits()
         self.peer_frame_handler = peer_frame_handler
         self.peer_connected = peer_connected  # called with the peer's name when a peer link is accepted
+        # Certificate names allowed to open peer links (None: any the cluster CA signed).
+        self.peer_members = frozenset(peer_members) if peer_members is not None else None
         self.tickets = ticket_store if ticket_store is not None else SessionTicketStore()
         self.stats = ServerStats()
         self._endpoint: _Endpoint | None = None

@@ -29,10 +29,11 @@ class Node:
     def on_message(self, sender: str, data: bytes) -> None:
         self.inbox.append((sender, data))
 
-    async def start_server(self, limits: Limits | None = None) -> None:
+    async def start_server(self, limits: Limits | None = None, members: set[str] | None = None) -> None:
         self.server = StoqServer(HOST, self.port, HandlerRegistry(), self.tls, limits,
                                  peer_frame_handler=lambda sender, data: self._deliver(sender, data),
-                                 peer_connected=lambda sender: self.mesh.peer_connected(sender) if self.mesh else None)
+                                 peer_connected=lambda sender: self.mesh.peer_connected(sender) if self.mesh else None,
+                                 peer_members=members)
         await self.server.start()
         self.port = self.server.port
 
@@ -313,3 +314,53 @@ def test_a_dead_peer_is_redialled_with_exponential_backoff(pki: Pki, monkeypatch
 
     run(body())
 
+
+
+def test_a_cluster_certificate_that_names_no_validator_cannot_open_a_peer_link(pki: Pki) -> None:
+    """The cluster CA also signs the client certificate: with the member list, the link is
+    refused at the handshake instead of being kept open to drop its frames."""
+    async def body() -> None:
+        honest = Node("node-0", pki.tls("node-0"))
+        await honest.start_server(members={"node-1"})
+        outsider = Node("hypermesh-client", pki.tls("hypermesh-client"))
+        peers = {"node-0": PeerAddress(HOST, honest.port, "node-0"), "node-1": PeerAddress(HOST, 9, "node-1")}
+        await honest.start_mesh(peers)
+        await outsider.start_mesh({"node-0": peers["node-0"]}, backoff_s=0.05, max_backoff_s=0.1)
+        try:
+            assert honest.server is not None and outsider.mesh is not None
+            assert await wait_until(lambda: honest.server.stats.connections_rejected_auth >= 2, 10.0)  # type: ignore[union-attr]
+            assert "node-0" not in outsider.mesh.connected_peers()
+            outsider.mesh.send("node-0", b"let me in")
+            assert honest.inbox == [] and honest.mesh is not None and honest.mesh.stats().frames_from_unknown == 0
+        finally:
+            await outsider.stop()
+            await honest.stop()
+
+    run(body())
+
+
+def test_a_second_stream_on_a_peer_link_closes_it(pki: Pki) -> None:
+    """Each stream of a link would buffer up to a whole frame: a peer gets one."""
+    async def body() -> None:
+        nodes = await _cluster(pki, 2)
+        try:
+            assert await _all_connected(nodes)
+            sender, receiver = nodes[0], nodes[1]
+            assert sender.mesh is not None
+            sender.mesh.send("node-1", b"first")
+            assert await wait_until(lambda: receiver.got("node-0", b"first"), 5.0)
+            protocol = sender.mesh._links["node-1"].protocol
+            assert protocol is not None
+            quic = protocol._quic
+            quic.send_stream_data(quic.get_next_available_stream_id(), b"\x00\x00\x00\x05extra")
+            protocol.flush_soon()
+            assert await wait_until(lambda: sender.mesh.stats().peers["node-1"].connects >= 2, 5.0)  # type: ignore[union-attr]
+            assert "one stream" in sender.mesh.stats().peers["node-1"].last_error
+            assert not receiver.got("node-0", b"extra")
+            sender.mesh.send("node-1", b"after")  # the redialled link works
+            assert await wait_until(lambda: receiver.got("node-0", b"after"), 5.0)
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    run(body())

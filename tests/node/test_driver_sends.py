@@ -1,0 +1,46 @@
+"""A real one-validator ReplicaDriver whose peer sends fail: the rest of each pass
+(final results, answers) must still happen."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from cluster.bootstrap import InitOptions, init_cluster
+from cluster.manifest import load_kem_private_key, load_node_key
+from cluster.workload import ProofFactory
+from consensus.replica import ReplicaConfig
+from consensus.requests import parse_request
+from node.metrics import NodeMetrics
+from node.runtime import ReplicaDriver
+from node.store import Store
+
+
+def test_a_message_the_mesh_refuses_does_not_drop_the_rest_of_the_pass(tmp_path: Path) -> None:
+    manifest = init_cluster(tmp_path / "cluster", InitOptions(nodes=1, signing_scheme="Ed25519"))
+    refused: list[int] = []
+
+    def send(_to: str | None, payload: bytes) -> None:
+        refused.append(len(payload))
+        raise ValueError(f"frame of {len(payload)} bytes exceeds the limit of 0")
+
+    async def body() -> None:
+        store = Store(tmp_path / "node.db")
+        driver = ReplicaDriver(
+            replica_config=ReplicaConfig(cluster_id=manifest.cluster_id), key=load_node_key(manifest, "node-1"),
+            keyring=manifest.keyring(), params=manifest.validation_params(),
+            kem_private_key=load_kem_private_key(manifest, "node-1"), store=store, metrics=NodeMetrics(), send=send,
+        )
+        await driver.start()
+        try:
+            payload = ProofFactory(manifest.validation_params()).proofs("req-send")
+            request = parse_request("proofs", payload)
+            future = driver.submit(request.request_id, request.digest, "proofs", request.encode())
+            result = await asyncio.wait_for(future, 30)
+            assert result.request_id == "req-send" and result.status == "Valid"
+        finally:
+            await driver.stop()
+            store.close()
+
+    asyncio.run(body())
+    assert refused  # the pre-prepare and the result vote were offered to the mesh, and refused
