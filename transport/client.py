@@ -112,9 +112,10 @@ class _ClientProtocol(CoalescingProtocol):
             future, buffer = entry
             buffer += event.data
             if len(buffer) > self._max:
-                future.set_exception(
-                    ApiError(ErrorCode.SerializationError, f"response: exceeds the limit of {self._max} bytes")
-                )
+                if not future.done():
+                    future.set_exception(
+                        ApiError(ErrorCode.SerializationError, f"response: exceeds the limit of {self._max} bytes")
+                    )
                 self.cancel_request(event.stream_id)
             elif event.end_stream:
                 self._pending.pop(event.stream_id, None)
@@ -302,10 +303,13 @@ class StoqClient:
             try:
                 return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
             except TimeoutError:
-                protocol.cancel_request(stream_id)
                 raise ApiError(ErrorCode.Timeout, "request not answered in time") from None
         finally:
             protocol.in_flight -= 1
+            if not future.done() or future.cancelled():
+                # Timed out, or the caller was cancelled: forget the stream and tell the
+                # server, so a late answer finds no future to complete.
+                protocol.cancel_request(stream_id)
 
     async def _connection(self, timeout_s: float) -> _ClientProtocol:
         index = self._next % len(self._slots)
