@@ -96,6 +96,9 @@ class Limits:
     max_connections: int = 1024
     idle_timeout_s: float = 60.0
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    # A connection whose handshake has not completed by then is closed: half-open
+    # connections hold a slot of max_connections each.
+    handshake_timeout_s: float = 10.0
     # 1200 is the QUIC minimum; on loopback 9000 cuts per-packet cost a lot (FACTS.md).
     max_datagram_size: int = 1200
 
@@ -134,6 +137,8 @@ class ServerStats:
     connections_accepted: int = 0
     connections_refused: int = 0
     connections_rejected_auth: int = 0
+    initials_dropped: int = 0  # first datagrams of would-be connections that did not decrypt
+    handshakes_timed_out: int = 0
     sessions_resumed: int = 0
     requests: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -157,6 +162,27 @@ class _ServerProtocol(CoalescingProtocol):
         # open, so stream credit (max_streams_per_connection) bounds this set.
         self._refused: set[int] = set()
         self._decoders: dict[int, FrameDecoder] = {}
+        self._handshake_deadline = self._loop.call_later(server.limits.handshake_timeout_s, self._handshake_expired)
+
+    def accepted_a_packet(self) -> bool:
+        """Whether any packet of this connection decrypted (aioquic learns the peer's
+        connection id from the first one). Random bytes shaped like an Initial do not."""
+        return self._quic._peer_cid.sequence_number is not None
+
+    def discard(self) -> None:
+        """Drop a connection that never existed for the peer: no packet is sent."""
+        self._handshake_deadline.cancel()
+        for handle in (self._transmit_task, self._timer):
+            if handle is not None:
+                handle.cancel()
+        self._transmit_task = self._timer = None
+
+    def _handshake_expired(self) -> None:
+        if not self._authorized and not self._closed_flag:
+            self._server.stats.handshakes_timed_out += 1
+            log.info("closing a connection from %s: no handshake within %.0f s", self._addr,
+                     self._server.limits.handshake_timeout_s)
+            self.close(error_code=CLOSE_UNAUTHORIZED, reason_phrase="handshake not completed in time")
 
     # session tickets (called synchronously by aioquic's TLS engine)
     def fetch_ticket(self, ticket_id: bytes) -> SessionTicket | None:
@@ -180,9 +206,11 @@ class _ServerProtocol(CoalescingProtocol):
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):
+            self._handshake_deadline.cancel()
             self._authorize()
             return
         if isinstance(event, events.ConnectionTerminated):
+            self._handshake_deadline.cancel()
             self._closed_flag = True
             self._streams.clear()
             self._refused.clear()
@@ -391,6 +419,16 @@ class _Endpoint:
             protocol = self._accept(header.destination_cid, addr)
             if protocol is None:
                 return
+            protocol.datagram_received(data, addr)
+            if not protocol.accepted_a_packet():
+                # Anyone can send 1,200 random bytes shaped like an Initial: keeping
+                # such a "connection" until it idles out would let junk fill every slot.
+                protocol.discard()
+                self._forget(protocol)
+                server.stats.initials_dropped += 1
+                return
+            server.stats.connections_accepted += 1
+            return
         protocol.datagram_received(data, addr)
 
     def _accept(self, original_cid: bytes, addr: tuple[Any, ...]) -> _ServerProtocol | None:
@@ -417,7 +455,6 @@ class _Endpoint:
         protocol._connection_terminated_handler = lambda: self._forget(protocol)
         self._protocols[original_cid] = protocol
         self._protocols[quic.host_cid] = protocol
-        server.stats.connections_accepted += 1
         return protocol
 
     def _forget(self, protocol: _ServerProtocol) -> None:

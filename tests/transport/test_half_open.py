@@ -1,0 +1,71 @@
+"""Connection slots against datagrams that are not (or never become) connections."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from transport.quic import ALPN_API, wait_until
+from transport.server import Limits
+
+from .conftest import Pki, run
+from .test_api import HOST, _client, serving
+
+
+def _junk_initial() -> bytes:
+    """1,200 bytes with a long-header Initial's shape: version 1, random connection ids,
+    and a payload that cannot decrypt."""
+    header = b"\xc3\x00\x00\x00\x01" + b"\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x00"
+    rest = 1200 - len(header) - 2
+    return header + (0x4000 | rest).to_bytes(2, "big") + os.urandom(rest)
+
+
+def _client_first_flight(port: int) -> list[bytes]:
+    """A real client's first datagrams (a valid Initial), never followed by the rest."""
+    quic = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=[ALPN_API], server_name="node-1"))
+    quic.connect((HOST, port), now=0.0)
+    return [data for data, _addr in quic.datagrams_to_send(now=0.0)]
+
+
+def test_junk_shaped_like_initials_takes_no_connection_slot(pki: Pki) -> None:
+    async def body() -> None:
+        async with serving(pki.tls("node-1"), limits=Limits(max_connections=4)) as server:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+                for _ in range(50):
+                    sock.sendto(_junk_initial(), (HOST, server.port))
+                assert await wait_until(lambda: server.stats.initials_dropped == 50, 5.0)
+            assert server.stats.connections_accepted == 0
+            client = _client(pki, server.port)
+            try:
+                assert (await client.call("echo", {"x": 1}))["payload"] == {"x": 1}
+            finally:
+                await client.close()
+            assert server.stats.connections_accepted == 1 and server.stats.connections_refused == 0
+
+    run(body())
+
+
+def test_a_connection_that_never_completes_its_handshake_is_closed(pki: Pki) -> None:
+    async def body() -> None:
+        async with serving(pki.tls("node-1"), limits=Limits(handshake_timeout_s=0.3)) as server:
+            endpoint = server._endpoint
+            assert endpoint is not None
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+                for datagram in _client_first_flight(server.port):
+                    sock.sendto(datagram, (HOST, server.port))
+                assert await wait_until(lambda: server.stats.connections_accepted == 1, 5.0)
+                assert len(endpoint.live()) == 1  # a valid Initial: it holds a slot ...
+                assert await wait_until(lambda: server.stats.handshakes_timed_out == 1, 5.0)
+                assert await wait_until(lambda: len(endpoint.live()) == 0, 5.0)  # ... until the deadline
+            client = _client(pki, server.port)  # completed handshakes are not affected
+            try:
+                assert (await client.call("echo", 7))["payload"] == 7
+                assert await wait_until(lambda: server.stats.connections_accepted == 2, 5.0)
+            finally:
+                await client.close()
+            assert server.stats.handshakes_timed_out == 1
+
+    run(body())
