@@ -86,3 +86,26 @@ def test_idle_lone_validator_ticks_without_fetching_from_peers_it_does_not_have(
     c.now += 10
     c.handle("node-0", node.replica.tick(c.now))
     assert [f.request_id for f in node.of(Final)] == ["r0"]
+
+
+def test_the_leader_starts_a_batchs_prechecks_before_signing_its_pre_prepare() -> None:
+    """The pre-prepare signature (~1 ms, GIL released) then overlaps with the prechecks
+    running on other threads, instead of delaying their start."""
+    c = Cluster(1, ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=64, window=4))
+    node = c.nodes["node-0"]
+    replica = node.replica
+    events: list[str] = []
+    key = replica.key
+
+    class OrderKey(CountingKey):
+        def sign(self, message: bytes) -> bytes:
+            events.append("sign")
+            return key.sign(message)
+
+    replica.key = OrderKey(key)  # type: ignore[assignment]
+    replica._app_prefetch = lambda requests: events.append(f"prefetch {sorted(requests)}")
+    c.submit("node-0", "r0", b"request-0")
+    c.now += 10
+    c.handle("node-0", replica.propose(c.now))
+    assert [f.request_id for f in node.of(Final)] == ["r0"]
+    assert events[:2] == ["prefetch [b'request-0']", "sign"]
