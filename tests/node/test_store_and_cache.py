@@ -179,3 +179,16 @@ def test_an_oversized_wal_is_truncated_by_the_checkpointer_once_idle_never_in_a_
     finally:
         checkpointer.stop()
         store.close()
+
+
+def test_the_audit_table_keeps_only_the_newest_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path / "node.db", audit_keep_rows=5)
+    try:
+        for i in range(12):
+            store.audit("client", "consensus/validate_proofs", f"r{i}", "ok:Valid")
+            if i % 4 == 3:
+                store.flush_audit()
+        rows = store.recent_audit(limit=100)
+        assert [r[3] for r in rows] == ["r11", "r10", "r9", "r8", "r7"]
+    finally:
+        store.close()
