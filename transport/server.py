@@ -99,6 +99,9 @@ class Limits:
     # A connection whose handshake has not completed by then is closed: half-open
     # connections hold a slot of max_connections each.
     handshake_timeout_s: float = 10.0
+    # Request bytes a connection may have in flight on unfinished streams, in all (one
+    # stream alone may reach max_envelope_bytes; 128 of them would be 128 MiB).
+    max_buffered_request_bytes: int = 4 * DEFAULT_MAX_ENVELOPE_BYTES
     # 1200 is the QUIC minimum; on loopback 9000 cuts per-packet cost a lot (FACTS.md).
     max_datagram_size: int = 1200
 
@@ -315,13 +318,20 @@ class _ServerProtocol(CoalescingProtocol):
             return
         buffer = self._streams.setdefault(stream_id, bytearray())
         buffer += event.data
-        limit = self._server.limits.max_envelope_bytes
+        limits = self._server.limits
+        limit = limits.max_envelope_bytes
+        error: ApiError | None = None
         if len(buffer) > limit:
+            error = ApiError(ErrorCode.InvalidRequest, f"envelope: request exceeds the limit of {limit} bytes")
+        elif not event.end_stream and event.data and \
+                sum(map(len, self._streams.values())) > limits.max_buffered_request_bytes:
+            error = ApiError(ErrorCode.Overloaded, f"more than {limits.max_buffered_request_bytes} bytes of unfinished "
+                             "requests on this connection; send each request whole before starting many more")
+        if error is not None:
             del self._streams[stream_id]
             if not event.end_stream:
                 self._refused.add(stream_id)
-            self._server._count(ErrorCode.InvalidRequest)
-            error = ApiError(ErrorCode.InvalidRequest, f"envelope: request exceeds the limit of {limit} bytes")
+            self._server._count(error.code)
             # Answer, and tell the client to stop sending the rest.
             self._send_response(stream_id, Response.failure("", error))
             try:

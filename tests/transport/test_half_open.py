@@ -69,3 +69,39 @@ def test_a_connection_that_never_completes_its_handshake_is_closed(pki: Pki) -> 
             assert server.stats.handshakes_timed_out == 1
 
     run(body())
+
+
+def test_unfinished_requests_on_one_connection_are_bounded_in_all(pki: Pki) -> None:
+    """Each unfinished stream may hold up to a whole envelope; many of them together may
+    not exceed max_buffered_request_bytes: the stream that crosses it is answered
+    Overloaded, and the connection goes on working."""
+    import asyncio
+
+    import msgpack
+
+    from transport.envelope import decode_response
+
+    async def body() -> None:
+        async with serving(pki.tls("node-1"), limits=Limits(max_buffered_request_bytes=3000)) as server:
+            client = _client(pki, server.port)
+            try:
+                assert (await client.call("echo", 1))["payload"] == 1
+                protocol = await client._connection(5.0)
+                quic = protocol._quic
+                answers: dict[int, asyncio.Future[bytes]] = {}
+                for _ in range(4):  # 4 x 1,000 bytes, none finished
+                    stream_id = quic.get_next_available_stream_id()
+                    answers[stream_id] = asyncio.get_running_loop().create_future()
+                    protocol._pending[stream_id] = (answers[stream_id], bytearray())
+                    quic.send_stream_data(stream_id, msgpack.packb({"v": 1})[:1] + b"x" * 999, end_stream=False)
+                    protocol.flush_soon()
+                    await asyncio.sleep(0.05)
+                done, _ = await asyncio.wait(list(answers.values()), timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+                assert [answers[s].done() for s in sorted(answers)] == [False, False, False, True]  # crossed 3,000
+                error = decode_response(done.pop().result()).error
+                assert error is not None and error.code == "Overloaded" and "unfinished" in error.message
+                assert (await client.call("echo", 2))["payload"] == 2  # the connection still works
+            finally:
+                await client.close()
+
+    run(body())
