@@ -1698,6 +1698,23 @@ class Replica:
 
     # ------------------------------------------------------------------ crash recovery
 
+    def _replay_new_view(self, wire: bytes) -> None:
+        """After a restart in a view that a new-view installed: its re-proposals are this
+        view's batches at their sequence numbers again. Without them a restarted leader
+        proposed fresh batches there, and a restarted follower prepared them: two
+        batches could commit at one sequence number (consensus review, seventh session)."""
+        nv: NewView = decode(wire).payload  # type: ignore[assignment]
+        plan = plan_new_view(self.keyring, self._cid, [decode(w).payload for w in nv.view_changes])  # type: ignore[misc]
+        top = max([s for s, _, _ in plan.batches], default=plan.stable_seq)
+        for seq, agreed, requests in plan.batches:
+            slot = self._slot(seq)
+            if seq <= max(self._stable.seq, self._last_executed) or slot.committed:
+                continue
+            if slot.has_batch and slot.view == self._view:
+                continue  # already re-placed (recovered committed/prepared certificate)
+            self._accept_reproposed(slot, self._view, agreed, requests)
+        self._next_seq = max(self._next_seq, top + 1)
+
     def _recover_result(self, seq: int, value: bytes) -> None:
         """A batch result that was not final when its checkpoint became stable (see
         ``_stabilize``): reload it with our own vote and broadcast that vote again."""
@@ -1838,6 +1855,8 @@ class Replica:
             elif kind == COMMIT:
                 slot.sent_commit = max(slot.sent_commit, view)
         self._next_seq = max(self._next_seq, self._stable.seq + 1)
+        if self._new_view_wire is not None:
+            self._replay_new_view(self._new_view_wire)
         self._execute_ready()
         # A leader that crashed mid-proposal re-sends the very same pre-prepares.
         for (kind, seq), (view, digest, wire) in sorted(self._own_votes.items(), key=lambda kv: kv[0][1]):
