@@ -1584,6 +1584,11 @@ class Replica:
         if not verify_view_change(self.keyring, self._cid, vc):
             self._count("invalid_view_change")
             return
+        if any(not vc.stable_seq < p.seq <= vc.stable_seq + self.config.log_size for p in vc.prepared):
+            # An honest view-change carries only its window's certificates; old (genuinely
+            # signed) ones would only make us hold and re-verify megabytes per sender.
+            self._count("invalid_view_change")
+            return
         self._view_changes.setdefault(vc.new_view, {})[sender] = msg
         # Join rule: f+1 validators want a higher view, so at least one honest one does.
         current = self._vc_target if self._in_view_change else self._view
