@@ -43,7 +43,7 @@ from consensus.messages import (
 )
 from consensus.pbft_log import BatchResult, Slot
 from consensus.pbft_proofs import (
-    checkpoint_proof_digest, plan_new_view, snapshot_digest, verify_committed, verify_view_change,
+    NewViewPlan, checkpoint_proof_digest, plan_new_view, snapshot_digest, verify_committed, verify_view_change,
 )
 from consensus.quorum import VoteSet
 
@@ -1674,15 +1674,7 @@ class Replica:
                 for rid, _ in slot.requests:
                     self._release_in_flight(rid, s)
                 slot.reset_batch()
-        for seq, agreed, requests in plan.batches:
-            if seq <= self._stable.seq:
-                continue
-            slot = self._slot(seq)
-            if slot.committed and seq <= self._last_executed:
-                # Help the others re-commit what we already executed.
-                self._accept_reproposed(slot, view, agreed, requests)
-                continue
-            self._accept_reproposed(slot, view, agreed, requests)
+        self._place_reproposals(plan, view)
         self._next_seq = max(top, self._stable.seq, self._last_executed) + 1
         # Pending requests: start their timers afresh and hand them to the new leader.
         for rid, p in self._pending.items():
@@ -1692,6 +1684,14 @@ class Replica:
                 self._send(RequestMsg(rid, p.request), self.leader)
         if self.is_leader:
             self._propose(self._now)
+
+    def _place_reproposals(self, plan: NewViewPlan, view: int) -> None:
+        """The new-view's batches count as pre-prepared in ``view``: place and prepare
+        each above the stable checkpoint (also those we executed: that helps the others
+        re-commit them)."""
+        for seq, agreed, requests in plan.batches:
+            if seq > self._stable.seq:
+                self._accept_reproposed(self._slot(seq), view, agreed, requests)
 
     def _accept_reproposed(self, slot: Slot, view: int, agreed: int, requests: Batch) -> None:
         digest = batch_digest(agreed, requests)
@@ -1710,15 +1710,8 @@ class Replica:
         batches could commit at one sequence number (consensus review, seventh session)."""
         nv: NewView = decode(wire).payload  # type: ignore[assignment]
         plan = plan_new_view(self.keyring, self._cid, [decode(w).payload for w in nv.view_changes])  # type: ignore[misc]
-        top = max([s for s, _, _ in plan.batches], default=plan.stable_seq)
-        for seq, agreed, requests in plan.batches:
-            slot = self._slot(seq)
-            if seq <= max(self._stable.seq, self._last_executed) or slot.committed:
-                continue
-            if slot.has_batch and slot.view == self._view:
-                continue  # already re-placed (recovered committed/prepared certificate)
-            self._accept_reproposed(slot, self._view, agreed, requests)
-        self._next_seq = max(self._next_seq, top + 1)
+        self._place_reproposals(plan, self._view)
+        self._next_seq = max(self._next_seq, max([s for s, _, _ in plan.batches], default=plan.stable_seq) + 1)
 
     def _recover_result(self, seq: int, value: bytes) -> None:
         """A batch result that was not final when its checkpoint became stable (see
