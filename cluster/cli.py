@@ -57,7 +57,7 @@ def load_payload(text: str | None, file: str | None) -> Any:
     if text is not None and file is not None:
         raise CliError("give --payload or --payload-file, not both")
     if file is not None:
-        data = sys.stdin.buffer.read() if file == "-" else _read_file(file, "--payload-file")
+        data = sys.stdin.buffer.read() if file == "-" else read_file(file, "--payload-file")
         if file.endswith(".msgpack") or (data[:1] and data[:1] not in b"{[ \n\t\""):
             try:
                 return msgpack.unpackb(data, raw=False)
@@ -70,7 +70,8 @@ def load_payload(text: str | None, file: str | None) -> Any:
     return None
 
 
-def _read_file(path: str, flag: str) -> bytes:
+def read_file(path: str, flag: str) -> bytes:
+    """A file named on the command line; a failure names the flag and the file."""
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -183,7 +184,7 @@ def client_certificate(cluster_dir: Path, chosen: str | None) -> tuple[bytes, by
     cert, key = directory / "tls.pem", directory / "tls.key"
     if chosen is None and not (cert.exists() and key.exists()):
         return None
-    return _read_file(str(cert), "--client-cert"), _read_file(str(key), "--client-cert")
+    return read_file(str(cert), "--client-cert"), read_file(str(key), "--client-cert")
 
 
 VALIDATE_PATHS = ("consensus/validate_proofs", "consensus/validate_certificate")

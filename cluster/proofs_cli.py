@@ -23,7 +23,7 @@ from consensus.crypto import kem_scheme
 from consensus.proofs.params import ValidationParams
 from consensus.prover import FAULTS, HolderKeys, StorageCommitment, make_certificate_request, make_proof_set
 
-from .cli import CliError, _read_file, run_command, to_json
+from .cli import CliError, read_file, run_command, to_json
 
 MAKE_EPILOG = """\
 examples:
@@ -81,7 +81,7 @@ def _load_params(path: str | None) -> ValidationParams:
     section = data.get("validation", data) if isinstance(data, dict) else data
     params = ValidationParams.from_json_dict(section)
     if not params.kem_public_key:
-        raise SystemExit(f"error: {path}: validation.kem_public_key is empty")
+        raise CliError(f"--manifest {path}: validation.kem_public_key is empty")
     return params
 
 
@@ -91,22 +91,21 @@ def _load_holder(path: str | None, scheme: str) -> HolderKeys:
         print(f"warning: no --key given; made a one-off {scheme} holder {holder.holder_id.hex()}", file=sys.stderr)
         return holder
     try:
-        data = json.loads(_read_file(path, "--key"))
+        data = json.loads(read_file(path, "--key"))
         return HolderKeys(data["scheme"], base64.b64decode(data["public_key"], validate=True),
                           base64.b64decode(data["private_key"], validate=True))
     except (ValueError, TypeError, KeyError) as exc:  # JSON, base64, a missing or mistyped field
         raise CliError(f"--key {path}: not a holder key file from 'hypermesh proofs keygen' ({exc!r})") from None
 
 
-def _parse_broken(value: str | None) -> tuple[str, str] | None:
-    if value is None:
-        return None
+def _parse_broken(value: str) -> tuple[str, str]:
+    """``--broken PROOF[:HOW]`` (an argparse type: a bad value is a usage error)."""
     proof, _, how = value.partition(":")
     if proof not in FAULTS:
-        raise SystemExit(f"error: --broken: unknown proof {proof!r}; choose from {', '.join(FAULTS)}")
+        raise argparse.ArgumentTypeError(f"unknown proof {proof!r}; choose from {', '.join(FAULTS)}")
     how = how or next(iter(FAULTS[proof]))
     if how not in FAULTS[proof]:
-        raise SystemExit(f"error: --broken {proof}: unknown variant {how!r}; choose from {', '.join(FAULTS[proof])}")
+        raise argparse.ArgumentTypeError(f"{proof}: unknown variant {how!r}; choose from {', '.join(FAULTS[proof])}")
     return proof, how
 
 
@@ -114,20 +113,17 @@ def cmd_make(args: argparse.Namespace) -> int:
     try:
         params = _load_params(args.manifest)
     except (OSError, ValueError, DecodeError) as exc:
-        print(f"error: cannot read --manifest: {exc}", file=sys.stderr)
-        return 2
-    fault = _parse_broken(args.broken)
+        raise CliError(f"cannot read --manifest: {exc}") from None
+    fault = args.broken
     if fault is not None and args.kind == "proofs" and fault[0] in ("csr", "policy"):
-        print("error: csr/policy faults need --kind certificate", file=sys.stderr)
-        return 2
+        raise CliError("csr/policy faults need --kind certificate")
     holder = _load_holder(args.key, args.scheme)
     now = args.timestamp_ms if args.timestamp_ms is not None else int(time.time() * 1000)
     request_id = args.request_id or f"req-{secrets.token_hex(8)}"
     storage = StorageCommitment.generate(max(args.storage_bytes or params.min_space_bytes, 2048) // 1024 * 1024, 1024)
     if args.kind == "certificate":
         if not args.common_name:
-            print("error: --kind certificate needs --common-name", file=sys.stderr)
-            return 2
+            raise CliError("--kind certificate needs --common-name")
         csr = _load_csr(args.csr) if args.csr else None
         payload = make_certificate_request(
             request_id, params, holder, now, common_name=args.common_name,
@@ -151,7 +147,7 @@ def _load_csr(path: str) -> bytes:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    raw = _read_file(path, "--csr")
+    raw = read_file(path, "--csr")
     try:
         if raw.lstrip().startswith(b"-----"):
             return x509.load_pem_x509_csr(raw).public_bytes(Encoding.DER)
@@ -205,7 +201,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     make.add_argument("--san", action="append", metavar="NAME", help="certificate: a subjectAltName (DNS or IP); repeat (default: the CN)")
     make.add_argument("--validity-days", type=int, default=90, help="certificate: requested validity (default 90)")
     make.add_argument("--csr", metavar="FILE", help="certificate: use this PKCS#10 CSR (PEM or DER) instead of a fresh EC P-256 one")
-    make.add_argument("--broken", metavar="PROOF[:HOW]", help="deliberately break one proof (see the list below)")
+    make.add_argument("--broken", type=_parse_broken, metavar="PROOF[:HOW]", help="deliberately break one proof (see the list below)")
     make.add_argument("--out", metavar="FILE",
                       help='write the msgpack payload here (default: JSON on stdout, bytes as "base64:..." strings)')
     make.set_defaults(func=cmd_make)
