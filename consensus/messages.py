@@ -14,9 +14,10 @@ prepare with another digest than the pre-prepare it accepted then holds two
 leader-signed headers for one slot — transferable evidence of equivocation. For
 ``result-vote`` the signed bytes are exactly ``["hypermesh/result-vote/v1", cluster_id, seq, root]``.
 
-Unsigned kinds (``request``, ``fetch-*``, ``state``, ``batches``) carry an empty signature:
-they are authenticated by the transport and their *content* is verified (forwarded
-requests are just client input; state and batches carry their own quorum proofs).
+Unsigned kinds (``request``, ``fetch-*``, ``state``, ``batches``, ``results``, ``body``)
+carry an empty signature: they are authenticated by the transport and their *content* is
+verified (forwarded requests are just client input; state and batches carry their own
+quorum proofs; a body must hash to the digest that was asked for).
 Signing them would cost a signature per request, which FACTS.md rules out.
 
 Nested proofs (prepares inside a prepared certificate, checkpoints inside a checkpoint
@@ -57,9 +58,12 @@ BATCHES = "batches"
 FETCH_VIEW = "fetch-view"
 FETCH_RESULTS = "fetch-results"
 RESULTS = "results"
+FETCH_BODY = "fetch-body"
+BODY = "body"
 
 SIGNED_KINDS = (PRE_PREPARE, PREPARE, COMMIT, RESULT_VOTE, CHECKPOINT, VIEW_CHANGE, NEW_VIEW)
-UNSIGNED_KINDS = (REQUEST, FETCH_STATE, STATE, FETCH_BATCHES, BATCHES, FETCH_VIEW, FETCH_RESULTS, RESULTS)
+UNSIGNED_KINDS = (REQUEST, FETCH_STATE, STATE, FETCH_BATCHES, BATCHES, FETCH_VIEW, FETCH_RESULTS, RESULTS, FETCH_BODY,
+                  BODY)
 
 Batch = tuple[tuple[str, bytes], ...]  # (request_id, request bytes), in proposal order
 
@@ -129,16 +133,18 @@ class CheckpointVote:
 
 @dataclass(frozen=True, slots=True)
 class PreparedCert:
-    """A batch that 2f+1 distinct validators prepared in ``view`` (their prepare wires)."""
+    """2f+1 distinct validators prepared the batch with ``digest`` in ``view`` (their
+    prepare wires). The batch itself is not carried: its digest is what the prepares
+    signed, and a replica that lacks the body fetches it (``fetch-body``), so a
+    view-change stays small however large the window's batches are."""
 
     view: int
     seq: int
-    agreed_time_ms: int
-    requests: Batch
+    digest: bytes
     prepares: tuple[bytes, ...]
 
     def body(self) -> list[Any]:
-        return [self.view, self.seq, self.agreed_time_ms, [[r, q] for r, q in self.requests], list(self.prepares)]
+        return [self.view, self.seq, self.digest, list(self.prepares)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +226,29 @@ class BatchesReply:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchBody:
+    """Ask for the batch a new view re-proposes at ``seq`` by its digest."""
+
+    seq: int
+    digest: bytes
+
+    def body(self) -> list[Any]:
+        return [self.seq, self.digest]
+
+
+@dataclass(frozen=True, slots=True)
+class BodyReply:
+    """A batch's bytes; the asker checks them against the digest it asked for."""
+
+    seq: int
+    agreed_time_ms: int
+    requests: Batch
+
+    def body(self) -> list[Any]:
+        return [self.seq, self.agreed_time_ms, [[r, q] for r, q in self.requests]]
+
+
+@dataclass(frozen=True, slots=True)
 class FetchView:
     view: int
 
@@ -259,13 +288,14 @@ class ResultsReply:
 
 
 Body = (PrePrepare | Prepare | Commit | ResultVote | CheckpointVote | ViewChange | NewView | RequestMsg
-        | FetchState | StateReply | FetchBatches | BatchesReply | FetchView | FetchResults | ResultsReply)
+        | FetchState | StateReply | FetchBatches | BatchesReply | FetchView | FetchResults | ResultsReply | FetchBody
+        | BodyReply)
 
 _KIND_OF: dict[type, str] = {
     PrePrepare: PRE_PREPARE, Prepare: PREPARE, Commit: COMMIT, ResultVote: RESULT_VOTE,
     CheckpointVote: CHECKPOINT, ViewChange: VIEW_CHANGE, NewView: NEW_VIEW, RequestMsg: REQUEST,
     FetchState: FETCH_STATE, StateReply: STATE, FetchBatches: FETCH_BATCHES, BatchesReply: BATCHES,
-    FetchView: FETCH_VIEW, FetchResults: FETCH_RESULTS, ResultsReply: RESULTS,
+    FetchView: FETCH_VIEW, FetchResults: FETCH_RESULTS, ResultsReply: RESULTS, FetchBody: FETCH_BODY, BodyReply: BODY,
 }
 
 
@@ -457,9 +487,9 @@ def _p_prepare(b: list[Any], k: str) -> Prepare:
 
 
 def _prepared(b: Any, k: str) -> PreparedCert:
-    b = _list(b, k, 5, exact=5)
-    return PreparedCert(_int(b[0], f"{k}.view"), _int(b[1], f"{k}.seq", 1), _int(b[2], f"{k}.agreed_time_ms"),
-                        _batch(b[3], f"{k}.requests"), _wires(b[4], f"{k}.prepares"))
+    b = _list(b, k, 4, exact=4)
+    return PreparedCert(_int(b[0], f"{k}.view"), _int(b[1], f"{k}.seq", 1), _bytes(b[2], f"{k}.digest", 32, exact=32),
+                        _wires(b[3], f"{k}.prepares"))
 
 
 def _committed(b: Any, k: str) -> CommittedBatch:
@@ -517,4 +547,6 @@ _PARSERS: dict[str, Any] = {
     FETCH_VIEW: lambda b, k: FetchView(_int(_list(b, k, 1, exact=1)[0], f"{k}.view")),
     FETCH_RESULTS: lambda b, k: FetchResults(_int(_list(b, k, 2, exact=2)[0], f"{k}.from_seq", 1), _int(b[1], f"{k}.to_seq", 1)),
     RESULTS: lambda b, k: ResultsReply(tuple(_certified(x, f"{k}.batches[{i}]") for i, x in enumerate(_list(_list(b, k, 1, exact=1)[0], f"{k}.batches", MAX_BATCHES_PER_REPLY)))),
+    FETCH_BODY: lambda b, k: FetchBody(_int(_list(b, k, 2, exact=2)[0], f"{k}.seq", 1), _bytes(b[1], f"{k}.digest", 32, exact=32)),
+    BODY: lambda b, k: BodyReply(_int(_list(b, k, 3, exact=3)[0], f"{k}.seq", 1), _int(b[1], f"{k}.agreed_time_ms"), _batch(b[2], f"{k}.requests")),
 }

@@ -32,6 +32,14 @@ class Slot:
     commit_cert: CommittedBatch | None = None
     retry_at_ms: int = 0  # when to re-send our own votes for this slot if still uncommitted
     retries: int = 0
+    # digest -> (agreed time, requests) of every batch placed here (one per view at most),
+    # kept until the slot is truncated: a later new view may re-propose any batch we
+    # prepared by its digest alone, and peers that lack it fetch it from us.
+    bodies: dict[bytes, tuple[int, Batch]] = field(default_factory=dict)
+    # (view, digest, holders) of a re-proposal whose body we do not hold yet
+    awaiting: tuple[int, bytes, tuple[str, ...]] | None = None
+    fetch_at_ms: int = 0  # when to ask the next holder for the awaited body
+    bodies_served: dict[str, int] = field(default_factory=dict)  # peer -> bodies sent it for this slot
 
     @property
     def has_batch(self) -> bool:
@@ -51,6 +59,12 @@ class Slot:
         """Forget an unprepared proposal of an old view (a new view re-decides it)."""
         self.view, self.digest, self.agreed_time_ms, self.requests = -1, None, 0, ()
         self.leader_signature = b""
+        self.awaiting = None
+
+    def body(self, digest: bytes) -> tuple[int, Batch] | None:
+        if digest == self.digest:
+            return self.agreed_time_ms, self.requests
+        return self.bodies.get(digest)
 
 
 @dataclass(slots=True)

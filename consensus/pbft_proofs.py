@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from consensus.keys import KeyRing
 from consensus.messages import (
-    CHECKPOINT, COMMIT, PRE_PREPARE, PREPARE, Batch, CommittedBatch, PreparedCert, ViewChange, batch_digest, decode_verified,
+    CHECKPOINT, COMMIT, PRE_PREPARE, PREPARE, CommittedBatch, PreparedCert, ViewChange, batch_digest, decode, decode_verified,
 )
 
 
@@ -49,8 +49,7 @@ def verify_prepared(keyring: KeyRing, cluster_id: str, cert: PreparedCert) -> bo
     no prepare: its signed pre-prepare header (requests stripped) stands for it. Counting
     any validator's signed pre-prepare as its prepare is safe: an honest validator signs
     at most one of the two for a slot, and a faulty one could sign a prepare anyway."""
-    digest = batch_digest(cert.agreed_time_ms, cert.requests)
-    return _quorum_of(keyring, cluster_id, (PREPARE, PRE_PREPARE), cert.view, cert.seq, digest, cert.prepares)
+    return _quorum_of(keyring, cluster_id, (PREPARE, PRE_PREPARE), cert.view, cert.seq, cert.digest, cert.prepares)
 
 
 def verify_committed(keyring: KeyRing, cluster_id: str, batch: CommittedBatch) -> bool:
@@ -79,6 +78,20 @@ def verify_view_change(keyring: KeyRing, cluster_id: str, vc: ViewChange) -> boo
     return True
 
 
+# The empty "null" batch a new view puts where nothing was prepared: everyone holds it.
+NULL_BATCH_DIGEST = batch_digest(0, ())
+
+
+@dataclass(frozen=True, slots=True)
+class Reproposal:
+    """One batch a new view re-proposes, by digest, and who signed its certificate:
+    the validators that are sure to hold its body (NULL_BATCH_DIGEST: no one needs to)."""
+
+    seq: int
+    digest: bytes
+    holders: tuple[str, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class NewViewPlan:
     """What a new view starts from: the highest proven stable checkpoint and, for every
@@ -88,7 +101,11 @@ class NewViewPlan:
     stable_seq: int
     stable_digest: bytes | None
     checkpoint_proof: tuple[bytes, ...]
-    batches: tuple[tuple[int, int, Batch], ...]  # (seq, agreed_time_ms, requests)
+    batches: tuple[Reproposal, ...]
+
+    @property
+    def top(self) -> int:
+        return self.batches[-1].seq if self.batches else self.stable_seq
 
 
 def plan_new_view(keyring: KeyRing, cluster_id: str, vcs: list[ViewChange]) -> NewViewPlan:
@@ -110,8 +127,16 @@ def plan_new_view(keyring: KeyRing, cluster_id: str, vcs: list[ViewChange]) -> N
     batches = []
     for seq in range(stable_seq + 1, top + 1):
         cert = best.get(seq)
-        batches.append((seq, cert.agreed_time_ms, cert.requests) if cert else (seq, 0, ()))
+        if cert is None:
+            batches.append(Reproposal(seq, NULL_BATCH_DIGEST, ()))
+        else:
+            batches.append(Reproposal(seq, cert.digest, _signers(cert.prepares)))
     return NewViewPlan(stable_seq, stable_digest, tuple(proof), tuple(batches))
+
+
+def _signers(wires: tuple[bytes, ...]) -> tuple[str, ...]:
+    """Signers of already verified vote wires, in order, each once."""
+    return tuple(dict.fromkeys(decode(w).signer for w in wires))
 
 
 def snapshot_digest(blob: bytes) -> bytes:

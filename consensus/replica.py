@@ -34,7 +34,8 @@ from consensus.codec import DecodeError, canonical_pack, pack_trusted, unpack_bo
 from consensus.evidence import EQUIVOCATION, WRONG_RESULT
 from consensus.keys import KeyRing, NodeKey
 from consensus.messages import (
-    BATCHES, CHECKPOINT, COMMIT, FETCH_BATCHES, FETCH_RESULTS, FETCH_STATE, FETCH_VIEW, RESULTS, MAX_BATCH_BYTES, MAX_BATCHES_PER_REPLY,
+    BATCHES, BODY, CHECKPOINT, COMMIT, FETCH_BATCHES, FETCH_BODY, FETCH_RESULTS, FETCH_STATE, FETCH_VIEW, RESULTS,
+    MAX_BATCH_BYTES, MAX_BATCHES_PER_REPLY, BodyReply, FetchBody,
     MAX_MESSAGE_BYTES, MAX_REQUEST_ID_CHARS, NEW_VIEW, PRE_PREPARE, PREPARE, REQUEST, RESULT_VOTE, SIGNED_KINDS,
     STATE, VIEW_CHANGE, Batch, BatchesReply, CheckpointVote, Commit, CommittedBatch, FetchBatches, FetchState,
     FetchView, Message, NewView, PreparedCert, PrePrepare, Prepare, RequestMsg, ResultVote, StateReply, ViewChange,
@@ -43,13 +44,15 @@ from consensus.messages import (
 )
 from consensus.pbft_log import BatchResult, Slot
 from consensus.pbft_proofs import (
-    NewViewPlan, checkpoint_proof_digest, plan_new_view, snapshot_digest, verify_committed, verify_view_change,
+    NULL_BATCH_DIGEST, NewViewPlan, Reproposal, checkpoint_proof_digest, plan_new_view, snapshot_digest,
+    verify_committed, verify_view_change,
 )
 from consensus.quorum import VoteSet
 
 MAX_PENDING_REQUESTS = 100_000
 VIEW_CHANGE_BACKOFF_CAP = 32  # the view-change timeout grows at most to 32x the base
 MAX_VOTE_RETRIES = 5
+MAX_BODY_ANSWERS = 3  # fetch-body answers per peer and slot
 PROBE_INTERVAL_FACTOR = 10  # idle replicas ask a peer for news every 10 x request_timeout_ms
 BEHIND_CLAIM_TTL_FACTOR = 20  # fetching while "behind" gives up after 20 fetch intervals without progress
 MAX_VIEW_LEAP = 64  # messages for views further ahead are ignored (bounds memory)
@@ -406,6 +409,7 @@ class Replica:
             self._maybe_fetch(now_ms)
             self._retry_result_votes(now_ms)
             self._fetch_missing_results(now_ms)
+            self._fetch_missing_bodies(now_ms)
             self._retransmit_votes(now_ms)
         return self._flush()
 
@@ -425,6 +429,7 @@ class Replica:
             NEW_VIEW: self._on_new_view, REQUEST: self._on_request, FETCH_STATE: self._on_fetch_state,
             STATE: self._on_state, FETCH_BATCHES: self._on_fetch_batches, BATCHES: self._on_batches,
             FETCH_VIEW: self._on_fetch_view, FETCH_RESULTS: self._on_fetch_results, RESULTS: self._on_results,
+            FETCH_BODY: self._on_fetch_body, BODY: self._on_body,
         }
 
     def _wire(self, payload: Any) -> bytes:
@@ -589,7 +594,7 @@ class Replica:
             # ML-DSA cost grows with the bytes signed; batches can be ~1 MB).
             signature = self.key.sign(preprepare_header_bytes(self._cid, self._view, seq, agreed, pp.digest))
             wire = encode_signed(self._cid, self.node_id, pp, signature)
-            self._record_vote(PRE_PREPARE, seq, self._view, pp.digest, wire, (agreed, requests, signature))
+            self._record_vote(PRE_PREPARE, seq, self._view, pp.digest, wire, (agreed, requests), signature)
             self._out.append(Send(wire))
             self._next_seq += 1
             self._accept_batch(seq, self._view, agreed, requests, pp.digest, signature)
@@ -605,18 +610,21 @@ class Replica:
         return True
 
     def _record_vote(self, kind: str, seq: int, view: int, digest: bytes, wire: bytes,
-                     batch: tuple[int, Batch, bytes] | None = None) -> None:
-        """``batch`` = (agreed time, requests, header signature) for our own pre-prepare:
-        it is stored as a small record next to the batch's bytes and rebuilt on recovery
-        (the wire is a deterministic encoding of exactly those)."""
+                     body: tuple[int, Batch] | None = None, header_signature: bytes | None = None) -> None:
+        """``body`` = (agreed time, requests) of the batch voted for: persisted with the
+        vote, so after a crash we still hold every batch we endorsed (a new view may
+        re-propose it by digest, and peers fetch it from its endorsers). Our own
+        pre-prepare is stored as a small record (``header_signature``) next to the
+        batch's bytes and rebuilt on recovery (its wire is a deterministic encoding)."""
         self._own_votes[(kind, seq)] = (view, digest, wire)
         self._persisted["vote"].add(seq)
-        if batch is None:
-            self._out.append(Persist(((f"vote/{kind}/{seq:016d}", wire),)))
-            return
-        agreed, requests, signature = batch
-        records = self._batch_records(seq, digest, agreed, requests)
-        records.append((f"vote/{kind}/{seq:016d}", canonical_pack([OWN_PREPREPARE_TAG, view, agreed, digest, signature])))
+        records = [] if body is None else self._batch_records(seq, digest, body[0], body[1])
+        if header_signature is None:
+            records.append((f"vote/{kind}/{seq:016d}", wire))
+        else:
+            assert body is not None
+            records.append((f"vote/{kind}/{seq:016d}",
+                            canonical_pack([OWN_PREPREPARE_TAG, view, body[0], digest, header_signature])))
         self._out.append(Persist(tuple(records)))
 
     def _batch_records(self, seq: int, digest: bytes, agreed: int, requests: Batch) -> list[tuple[str, bytes | None]]:
@@ -644,15 +652,17 @@ class Replica:
             wire = own[2]  # already signed (e.g. before a restart): resend the same bytes
             self._out.append(Send(wire))
         else:
+            body = None
             if kind == PREPARE:
                 slot = self._slot(seq)
                 signed = slot.view == view and slot.digest == digest
                 payload: Any = Prepare(view, seq, digest, slot.agreed_time_ms if signed else 0,
                                        slot.leader_signature if signed else b"")
+                body = slot.body(digest)
             else:
                 payload = Commit(view, seq, digest)
             wire = self._wire(payload)
-            self._record_vote(kind, seq, view, digest, wire)
+            self._record_vote(kind, seq, view, digest, wire, body)
             self._out.append(Send(wire))
         slot = self._slot(seq)
         table = slot.prepares if kind == PREPARE else slot.commits
@@ -671,6 +681,8 @@ class Replica:
             slot.retries, slot.retry_at_ms = 0, 0
         slot.view, slot.digest, slot.agreed_time_ms, slot.requests = view, digest, agreed, requests
         slot.leader_signature = leader_signature
+        slot.bodies[digest] = (agreed, requests)
+        slot.awaiting = None
         if slot.seq > self._last_executed:
             for rid, _ in requests:
                 self._in_flight[rid] = slot.seq
@@ -829,11 +841,11 @@ class Replica:
         if votes is None or votes.count(slot.digest) < self.keyring.quorum:  # type: ignore[arg-type]
             return
         if slot.prepared_cert is None or slot.prepared_cert.view < slot.view:
-            slot.prepared_cert = PreparedCert(slot.view, slot.seq, slot.agreed_time_ms, slot.requests,
+            slot.prepared_cert = PreparedCert(slot.view, slot.seq, slot.digest,  # type: ignore[arg-type]
                                               votes.wires(slot.digest, self.keyring))  # type: ignore[arg-type]
             cert = slot.prepared_cert
-            self._out.append(self._certificate_record("prepared", cert.view, cert.seq, cert.agreed_time_ms, cert.requests,
-                                                      slot.digest, cert.prepares))  # type: ignore[arg-type]
+            self._out.append(self._certificate_record("prepared", cert.view, cert.seq, slot.agreed_time_ms, slot.requests,
+                                                      cert.digest, cert.prepares))
         if slot.sent_commit < slot.view:
             if self.keyring.n == 1:
                 # A lone validator's signed order vote is already a quorum of commits (1
@@ -1419,6 +1431,7 @@ class Replica:
             digest = batch_digest(b.agreed_time_ms, b.requests)
             if not slot.has_batch or slot.digest != digest:
                 slot.view, slot.digest, slot.agreed_time_ms, slot.requests = b.view, digest, b.agreed_time_ms, b.requests
+            slot.awaiting = None
             self._mark_committed(slot, b)
         self._execute_ready()
 
@@ -1444,9 +1457,15 @@ class Replica:
 
     def _on_results(self, msg: Message, sender: str) -> None:
         p: ResultsReply = msg.payload  # type: ignore[assignment]
+        floor = self._results_floor()
         for b in p.batches:
             own = self._results.get(b.seq)
             if (own is not None and own.final_count > 0) or b.seq > self._last_executed or not b.entries:
+                continue
+            if b.seq <= floor or (own is None and b.seq not in self._missing_results):
+                # Only what we asked for: replayed history would be held (and verified)
+                # until the next checkpoint, up to 64 batches per reply.
+                self._count("unsolicited_results")
                 continue
             if any(self._executed.get(rid) != b.seq for rid, _, _ in b.entries):
                 self._count("invalid_results")
@@ -1667,15 +1686,14 @@ class Replica:
                 self._stabilize(plan.stable_seq, plan.stable_digest, plan.checkpoint_proof, own[1])
             elif self._last_executed < plan.stable_seq or own is not None:
                 self._begin_transfer(plan.stable_seq, plan.stable_digest, plan.checkpoint_proof)
-        top = max([s for s, _, _ in plan.batches], default=plan.stable_seq)
         # Unprepared proposals of older views above the re-proposed range are void.
         for s, slot in sorted(self._slots.items()):
-            if s > top and not slot.committed and slot.has_batch and slot.view < view:
+            if s > plan.top and not slot.committed and slot.view < view:
                 for rid, _ in slot.requests:
                     self._release_in_flight(rid, s)
                 slot.reset_batch()
         self._place_reproposals(plan, view)
-        self._next_seq = max(top, self._stable.seq, self._last_executed) + 1
+        self._next_seq = max(plan.top, self._stable.seq, self._last_executed) + 1
         # Pending requests: start their timers afresh and hand them to the new leader.
         for rid, p in self._pending.items():
             p.stage = 1
@@ -1689,17 +1707,69 @@ class Replica:
         """The new-view's batches count as pre-prepared in ``view``: place and prepare
         each above the stable checkpoint (also those we executed: that helps the others
         re-commit them)."""
-        for seq, agreed, requests in plan.batches:
-            if seq > self._stable.seq:
-                self._accept_reproposed(self._slot(seq), view, agreed, requests)
+        for r in plan.batches:
+            if r.seq > self._stable.seq:
+                self._accept_reproposed(self._slot(r.seq), view, r)
 
-    def _accept_reproposed(self, slot: Slot, view: int, agreed: int, requests: Batch) -> None:
-        digest = batch_digest(agreed, requests)
+    def _accept_reproposed(self, slot: Slot, view: int, r: Reproposal) -> None:
+        body = (0, ()) if r.digest == NULL_BATCH_DIGEST else slot.body(r.digest)
+        if body is None:
+            self._await_body(slot, view, r)
+            return
         # Proposed by the new-view, not by a signed header: no leader signature.
-        self._place_batch(slot, view, digest, agreed, requests, b"")
-        if slot.sent_prepare < view and self._vote(PREPARE, slot.seq, view, digest):
+        self._place_batch(slot, view, r.digest, body[0], body[1], b"")
+        if slot.sent_prepare < view and self._vote(PREPARE, slot.seq, view, r.digest):
             slot.sent_prepare = view
         self._check_prepared(slot)
+
+    def _await_body(self, slot: Slot, view: int, r: Reproposal) -> None:
+        """The new view re-proposes a batch we never held: fetch it by digest from the
+        signers of its prepared certificate (f+1 of them are honest and keep every batch
+        they prepared, see Slot.bodies). We prepare it once it arrives."""
+        if slot.committed:
+            return  # a certified batch cannot be re-proposed as another one (safety)
+        for rid, _ in slot.requests:
+            self._release_in_flight(rid, slot.seq)
+        slot.reset_batch()
+        slot.awaiting = (view, r.digest, r.holders)
+        self._ask_for_body(slot)
+
+    def _ask_for_body(self, slot: Slot) -> None:
+        assert slot.awaiting is not None
+        _, digest, holders = slot.awaiting
+        self._send(FetchBody(slot.seq, digest), self._next_peer(holders))
+        slot.fetch_at_ms = self._now + self._retry_delay()
+
+    def _fetch_missing_bodies(self, now: int) -> None:
+        for slot in self._slots.values():
+            if slot.awaiting is not None and now >= slot.fetch_at_ms:
+                self._ask_for_body(slot)
+
+    def _on_fetch_body(self, msg: Message, sender: str) -> None:
+        p: FetchBody = msg.payload  # type: ignore[assignment]
+        slot = self._slots.get(p.seq)
+        if slot is None:
+            return  # below our stable checkpoint: the asker catches up by fetch-batches/state
+        served = slot.bodies_served.get(sender, 0)
+        body = slot.body(p.digest)
+        if body is None or served >= MAX_BODY_ANSWERS:
+            return  # a few answers per peer and slot: a 40-byte ask must not buy 8 MiB each time
+        slot.bodies_served[sender] = served + 1
+        self._send(BodyReply(p.seq, body[0], body[1]), sender)
+
+    def _on_body(self, msg: Message, sender: str) -> None:
+        p: BodyReply = msg.payload  # type: ignore[assignment]
+        slot = self._slots.get(p.seq)
+        if slot is None or slot.awaiting is None:
+            return
+        view, digest, holders = slot.awaiting
+        if batch_digest(p.agreed_time_ms, p.requests) != digest:
+            self._count("invalid_body")
+            return
+        slot.awaiting = None
+        slot.bodies[digest] = (p.agreed_time_ms, p.requests)
+        if view == self._view and not self._in_view_change:
+            self._accept_reproposed(slot, view, Reproposal(p.seq, digest, holders))
 
     # ------------------------------------------------------------------ crash recovery
 
@@ -1711,7 +1781,7 @@ class Replica:
         nv: NewView = decode(wire).payload  # type: ignore[assignment]
         plan = plan_new_view(self.keyring, self._cid, [decode(w).payload for w in nv.view_changes])  # type: ignore[misc]
         self._place_reproposals(plan, self._view)
-        self._next_seq = max(self._next_seq, max([s for s, _, _ in plan.batches], default=plan.stable_seq) + 1)
+        self._next_seq = max(self._next_seq, plan.top + 1)
 
     def _recover_result(self, seq: int, value: bytes) -> None:
         """A batch result that was not final when its checkpoint became stable (see
@@ -1794,6 +1864,8 @@ class Replica:
             self._install_snapshot(seq, digest, tuple(proof), blob, app_snapshot, book)
             self._out.clear()  # nothing new to persist: it came from disk
         batches = self._recover_batches(durable)
+        for (seq, digest), body in batches.items():
+            self._slot(seq).bodies[digest] = body
         for k in sorted(durable):
             value = durable[k]
             if value is None:
@@ -1832,7 +1904,7 @@ class Replica:
                 self._persisted[kind].add(seq)
                 slot = self._slot(seq)
                 if kind == "prepared":
-                    slot.prepared_cert = PreparedCert(view, seq, agreed, batch[1], tuple(wires))
+                    slot.prepared_cert = PreparedCert(view, seq, digest, tuple(wires))
                 else:
                     cert = CommittedBatch(view, seq, agreed, batch[1], tuple(wires))
                     slot.view, slot.digest = cert.view, digest

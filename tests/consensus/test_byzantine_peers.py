@@ -1,13 +1,14 @@
 """What one Byzantine peer can make an honest replica do: not censor requests, not
-fetch forever, not burn CPU on an unsigned reply."""
+fetch forever, not burn CPU on an unsigned reply, not make it hold replayed history."""
 
 from __future__ import annotations
 
-from consensus.actions import ViewChanged
+from consensus.actions import Send, ViewChanged
 from consensus.messages import (
-    CertifiedResults, CheckpointVote, PrePrepare, ResultsReply, batch_digest, encode, encode_signed,
-    preprepare_header_bytes,
+    CertifiedResults, CheckpointVote, FetchResults, PrePrepare, ResultsReply, batch_digest, decode, encode,
+    encode_signed, preprepare_header_bytes,
 )
+from consensus.replica import ReplicaConfig
 from tests.consensus.harness import Cluster
 
 
@@ -86,6 +87,7 @@ def test_an_unsigned_results_reply_buys_at_most_one_check_per_validator() -> Non
 
     r2.keyring = CountingRing()  # type: ignore[assignment]
     r2._results.pop(1, None)  # as if node-2 skipped batch 1 and still wants its result
+    r2._missing_results[1] = None
     entries = (("r0", b"\x00" * 32, b"result"),)
     repeated = CertifiedResults(1, 0, entries, tuple(("node-0", bytes(64)) for _ in range(4)))
     r2.receive("node-3", encode("test-cluster", "node-3", ResultsReply((repeated,))), c.now)
@@ -93,3 +95,31 @@ def test_an_unsigned_results_reply_buys_at_most_one_check_per_validator() -> Non
     too_many = CertifiedResults(1, 0, entries, tuple((f"node-{i % 4}", bytes(64)) for i in range(1024)))
     r2.receive("node-3", encode("test-cluster", "node-3", ResultsReply((too_many,))), c.now)
     assert CountingRing.checks == 1  # more signatures than validators: refused before any check
+
+
+def test_genuine_but_unasked_results_are_not_kept() -> None:
+    """A peer replaying certified results of batches long truncated (or never asked for)
+    must not make a replica hold them: up to 64 batches per reply, until the next
+    checkpoint (consensus review, seventh session)."""
+    c = Cluster(4, ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4, batch_max_requests=1))
+    c.submit("node-1", "r0", b"request-0")
+    c.run(200)
+    replies: list[bytes] = []
+    handle = c.handle
+
+    def keep_results(node_id: str, actions: list) -> None:
+        replies.extend(a.payload for a in actions if isinstance(a, Send) and decode(a.payload).kind == "results")
+        handle(node_id, actions)
+
+    c.handle = keep_results  # type: ignore[method-assign]
+    c.handle("node-1", c.nodes["node-1"].replica.receive("node-2", encode("test-cluster", "node-2", FetchResults(1, 1)), c.now))
+    c.handle = handle  # type: ignore[method-assign]
+    assert len(replies) == 1 and decode(replies[0]).payload.batches[0].seq == 1  # a genuine certificate
+    for i in range(1, 80):
+        c.submit("node-1", f"r{i}", f"request-{i}".encode())
+        c.run(30)
+    c.run(500)
+    r0 = c.nodes["node-0"].replica
+    assert r0._results_floor() >= 1 and 1 not in r0._results  # truncated: seq 1 is history
+    r0.receive("node-1", replies[0], c.now)  # node-1 replays its old answer
+    assert 1 not in r0._results and r0.counters.get("unsolicited_results") == 1

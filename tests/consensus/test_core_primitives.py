@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from consensus import codec, crypto, merkle
+from tests.fuzzing import mutate
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 64, 100])
@@ -77,17 +78,9 @@ def test_codec_fuzz_only_raises_decode_error() -> None:
     rng = random.Random(7)
     seeds = [codec.canonical_pack(v) for v in ({"a": [1, 2, {"b": b"x"}]}, [1, "two", None, True], {"k": "v" * 40})]
     for _ in range(3000):
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 4)):
-            action = rng.random()
-            if action < 0.5 and data:
-                data[rng.randrange(len(data))] = rng.randrange(256)
-            elif action < 0.75:
-                data.insert(rng.randrange(len(data) + 1), rng.randrange(256))
-            elif data:
-                del data[rng.randrange(len(data))]
+        data = mutate(rng, rng.choice(seeds))
         try:
-            codec.unpack_bounded(bytes(data), max_size=4096)
+            codec.unpack_bounded(data, max_size=4096)
         except codec.DecodeError:
             pass
 

@@ -457,7 +457,7 @@ def test_leaders_pre_prepare_is_its_prepare_in_live_and_certified_counts() -> No
     short = dataclasses.replace(cert, prepares=tuple(w for w in cert.prepares if decode(w).signer not in ("node-0", "node-1")))
     assert not verify_prepared(c.keyring, "test-cluster", short)
     # A pre-prepare header for another digest does not count.
-    other = dataclasses.replace(cert, agreed_time_ms=cert.agreed_time_ms + 1)
+    other = dataclasses.replace(cert, digest=bytes(32))
     assert not verify_prepared(c.keyring, "test-cluster", other)
 
 

@@ -33,8 +33,8 @@ def test_view_changes_with_certificates_outside_the_window_are_refused() -> None
     c.run(1000)
     victim = c.nodes[c.ids[1]].replica
     window = victim.config.log_size
-    certs = [PreparedCert(k[0], k[1], t, reqs, tuple(wires[k].values())[:3])
-             for k, (t, reqs) in sorted(batches.items(), key=lambda kv: kv[0][1]) if len(wires[k]) >= 3]
+    certs = [PreparedCert(k[0], k[1], k[2], tuple(wires[k].values())[:3])
+             for k in sorted(batches, key=lambda k: k[1]) if len(wires[k]) >= 3]
     assert len(certs) > window  # genuinely signed, but far more than one window
     byzantine = c.keys[3]
     old = encode("test-cluster", byzantine.node_id, ViewChange(victim.view + 1, 0, (), tuple(certs)), byzantine.sign)

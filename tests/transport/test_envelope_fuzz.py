@@ -6,6 +6,7 @@ import random
 
 import msgpack
 
+from tests.fuzzing import mutate
 from transport.envelope import ApiError, ErrorCode, Request, Response, decode_request, decode_response, encode_request, encode_response
 
 SEEDS = [
@@ -16,35 +17,11 @@ SEEDS = [
     encode_response(Response.success("seed-1", {"status": "Valid", "votes": [b"a", b"b"]}, {"leader": "n1"})),
     encode_response(Response.failure("seed-2", ApiError(ErrorCode.Timeout, "late"))),
 ]
-INTERESTING = [0x00, 0x7F, 0x80, 0x8F, 0x90, 0xC0, 0xC1, 0xC4, 0xC7, 0xC9, 0xCA, 0xD4, 0xD9, 0xDC, 0xDD,
-               0xDE, 0xDF, 0xFF]
-
-
-def _mutate(rng: random.Random, data: bytes) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.randrange(6)
-        pos = rng.randrange(len(buf)) if buf else 0
-        if op == 0 and buf:
-            buf[pos] = rng.randrange(256)
-        elif op == 1 and buf:
-            buf[pos] = rng.choice(INTERESTING)
-        elif op == 2:
-            buf.insert(pos, rng.randrange(256))
-        elif op == 3 and buf:
-            del buf[pos : pos + rng.randint(1, 8)]
-        elif op == 4:
-            buf = buf[: rng.randrange(len(buf) + 1)]
-        else:
-            buf += bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
-    return bytes(buf)
-
-
 def test_mutation_fuzz_only_invalid_request_escapes() -> None:
     rng = random.Random(20261121)
     outcomes = {"ok": 0, "rejected": 0}
     for i in range(4000):
-        data = _mutate(rng, SEEDS[i % len(SEEDS)])
+        data = mutate(rng, SEEDS[i % len(SEEDS)])
         for decode in (decode_request, decode_response):
             try:
                 decode(data, max_bytes=4096)
