@@ -18,6 +18,8 @@ from consensus.messages import (
 
 def checkpoint_proof_digest(keyring: KeyRing, cluster_id: str, seq: int, wires: tuple[bytes, ...]) -> bytes | None:
     """The state digest that 2f+1 distinct validators signed for ``seq``, or None."""
+    if len(wires) > keyring.n:
+        return None  # honest proofs hold one wire per signer: more only buys signature checks
     votes: dict[bytes, set[str]] = {}
     for wire in wires:
         msg = decode_verified(wire, keyring, cluster_id, CHECKPOINT)
@@ -32,6 +34,8 @@ def checkpoint_proof_digest(keyring: KeyRing, cluster_id: str, seq: int, wires: 
 
 def _quorum_of(keyring: KeyRing, cluster_id: str, kinds: tuple[str, ...], view: int, seq: int, digest: bytes,
                wires: tuple[bytes, ...]) -> bool:
+    if len(wires) > keyring.n:
+        return False  # honest certificates hold one wire per signer: more only buys signature checks
     signers: set[str] = set()
     for wire in wires:
         msg = decode_verified(wire, keyring, cluster_id, None)
@@ -61,21 +65,22 @@ def verify_committed(keyring: KeyRing, cluster_id: str, batch: CommittedBatch) -
     return _quorum_of(keyring, cluster_id, kinds, batch.view, batch.seq, digest, batch.commits)
 
 
-def verify_view_change(keyring: KeyRing, cluster_id: str, vc: ViewChange) -> bool:
-    """Every claim in a view-change is backed by signatures of others."""
+def verify_view_change(keyring: KeyRing, cluster_id: str, vc: ViewChange, log_size: int) -> bool:
+    """Every claim in a view-change is backed by signatures of others, and it carries at
+    most one certificate per seq of its sender's window ``(stable_seq, stable_seq +
+    log_size]``: an honest replica holds no others, and old (genuinely signed) ones would
+    only make every receiver hold and re-verify them. Shape first, signatures last."""
+    seqs = {cert.seq for cert in vc.prepared}
+    if len(seqs) != len(vc.prepared) or any(not vc.stable_seq < s <= vc.stable_seq + log_size for s in seqs):
+        return False
+    if any(cert.view >= vc.new_view for cert in vc.prepared):
+        return False
     if vc.stable_seq > 0:
         if checkpoint_proof_digest(keyring, cluster_id, vc.stable_seq, vc.checkpoint_proof) is None:
             return False
     elif vc.checkpoint_proof:
         return False
-    seen: set[int] = set()
-    for cert in vc.prepared:
-        if cert.seq <= vc.stable_seq or cert.seq in seen or cert.view >= vc.new_view:
-            return False
-        seen.add(cert.seq)
-        if not verify_prepared(keyring, cluster_id, cert):
-            return False
-    return True
+    return all(verify_prepared(keyring, cluster_id, cert) for cert in vc.prepared)
 
 
 # The empty "null" batch a new view puts where nothing was prepared: everyone holds it.

@@ -1600,12 +1600,7 @@ class Replica:
             return
         if sender in self._view_changes.get(vc.new_view, {}):
             return
-        if not verify_view_change(self.keyring, self._cid, vc):
-            self._count("invalid_view_change")
-            return
-        if any(not vc.stable_seq < p.seq <= vc.stable_seq + self.config.log_size for p in vc.prepared):
-            # An honest view-change carries only its window's certificates; old (genuinely
-            # signed) ones would only make us hold and re-verify megabytes per sender.
+        if not verify_view_change(self.keyring, self._cid, vc, self.config.log_size):
             self._count("invalid_view_change")
             return
         self._view_changes.setdefault(vc.new_view, {})[sender] = msg
@@ -1656,7 +1651,7 @@ class Replica:
             if m is None or m.payload.new_view != nv.view or m.signer in signers:  # type: ignore[union-attr]
                 self._count("invalid_new_view")
                 return
-            if not verify_view_change(self.keyring, self._cid, m.payload):  # type: ignore[arg-type]
+            if not verify_view_change(self.keyring, self._cid, m.payload, self.config.log_size):  # type: ignore[arg-type]
                 self._count("invalid_new_view")
                 return
             signers.add(m.signer)
