@@ -53,6 +53,10 @@ MAX_PENDING_REQUESTS = 100_000
 VIEW_CHANGE_BACKOFF_CAP = 32  # the view-change timeout grows at most to 32x the base
 MAX_VOTE_RETRIES = 5
 MAX_BODY_ANSWERS = 3  # fetch-body answers per peer and slot
+# Catch-up replies (batches, results) stop adding entries past this many bytes, so they
+# stay well below MAX_MESSAGE_BYTES: 64 batches of 1 MiB would not fit in one message,
+# and an oversized reply is never sent, so the asker would ask again forever.
+MAX_REPLY_BYTES = MAX_MESSAGE_BYTES // 2
 PROBE_INTERVAL_FACTOR = 10  # idle replicas ask a peer for news every 10 x request_timeout_ms
 BEHIND_CLAIM_TTL_FACTOR = 20  # fetching while "behind" gives up after 20 fetch intervals without progress
 MAX_VIEW_LEAP = 64  # messages for views further ahead are ignored (bounds memory)
@@ -1405,11 +1409,15 @@ class Replica:
         p: FetchBatches = msg.payload  # type: ignore[assignment]
         start = p.from_seq
         out: list[CommittedBatch] = []
+        size = 0
         for seq in range(start, min(p.to_seq, start + MAX_BATCHES_PER_REPLY - 1) + 1):
             slot = self._slots.get(seq)
             cert = slot.commit_cert if slot is not None else self._retained.get(seq)
             if cert is None:
                 break
+            size += sum(len(r) + len(q) for r, q in cert.requests) + sum(len(w) for w in cert.commits)
+            if out and size > MAX_REPLY_BYTES:
+                break  # the asker asks again from where this reply ends
             out.append(cert)
         if not out and start <= self._stable.seq and self._stable.blob is not None:
             # We no longer hold those batches: hand over the checkpoint instead.
@@ -1433,12 +1441,20 @@ class Replica:
                 slot.view, slot.digest, slot.agreed_time_ms, slot.requests = b.view, digest, b.agreed_time_ms, b.requests
             slot.awaiting = None
             self._mark_committed(slot, b)
+        before = self._last_executed
         self._execute_ready()
+        if p.batches and self._last_executed > before and self._last_executed == p.batches[-1].seq:
+            # The whole reply executed: the sender may hold more than fit in one reply
+            # (MAX_REPLY_BYTES), and in an idle cluster nobody else tells us so.
+            self._send(FetchBatches(self._last_executed + 1, self._last_executed + MAX_BATCHES_PER_REPLY), sender)
 
     def _on_fetch_results(self, msg: Message, sender: str) -> None:
         p: FetchResults = msg.payload  # type: ignore[assignment]
         out: list[CertifiedResults] = []
+        size = 0
         for seq in range(p.from_seq, min(p.to_seq, p.from_seq + MAX_BATCHES_PER_REPLY - 1) + 1):
+            if out and size > MAX_REPLY_BYTES:
+                break  # the asker asks again for what is still missing
             br = self._results.get(seq)
             if br is None or br.final_count == 0:
                 # Not certified here: the asker may be missing our vote for it (it skipped
@@ -1452,6 +1468,7 @@ class Replica:
                 continue
             sigs = tuple((n, br.votes[n][1]) for n in self.keyring.node_ids if n in br.votes and br.votes[n][0] == br.root)
             out.append(CertifiedResults(seq, br.view, tuple(zip(br.request_ids, br.request_digests, br.results)), sigs))
+            size += sum(len(r) + 32 + len(res) for r, res in zip(br.request_ids, br.results)) + sum(len(x) for _, x in sigs)
         if out:
             self._send(ResultsReply(tuple(out)), sender)
 

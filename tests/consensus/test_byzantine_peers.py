@@ -8,6 +8,7 @@ from consensus.messages import (
     CertifiedResults, CheckpointVote, FetchResults, PrePrepare, ResultsReply, batch_digest, decode, encode,
     encode_signed, preprepare_header_bytes,
 )
+from consensus import replica as replica_module
 from consensus.replica import ReplicaConfig
 from tests.consensus.harness import Cluster
 
@@ -123,3 +124,37 @@ def test_genuine_but_unasked_results_are_not_kept() -> None:
     assert r0._results_floor() >= 1 and 1 not in r0._results  # truncated: seq 1 is history
     r0.receive("node-1", replies[0], c.now)  # node-1 replays its old answer
     assert 1 not in r0._results and r0.counters.get("unsolicited_results") == 1
+
+
+def test_catch_up_replies_stay_within_the_reply_budget(monkeypatch) -> None:
+    """64 committed batches of 1 MiB do not fit in one 64 MiB message, and an oversized
+    reply is never sent: a laggard asked again forever. Replies now stop at
+    MAX_REPLY_BYTES (here shrunk to 50 KB, i.e. two of these 20 KB batches)."""
+    monkeypatch.setattr(replica_module, "MAX_REPLY_BYTES", 50_000)
+    c = Cluster(4, ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=16, window=8, batch_max_requests=2))
+    laggard = c.ids[3]
+    c.crash(laggard)
+    for i in range(0, 24, 2):
+        c.submit(c.ids[0], f"r{i}", bytes([i]) * 10_000)
+        c.submit(c.ids[0], f"r{i + 1}", bytes([i + 1]) * 10_000)
+        c.run(20)
+    c.run(500)
+    top = c.nodes[c.ids[0]].replica.last_executed_seq
+    assert top == 12  # 12 batches of two 10 KB requests
+    replies: list[int] = []
+    handle = c.handle
+
+    def watch(node_id: str, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, Send) and a.to == laggard and decode(a.payload).kind == "batches":
+                replies.append(len(decode(a.payload).payload.batches))
+        handle(node_id, actions)
+
+    c.handle = watch  # type: ignore[method-assign]
+    restarted = c.restart(laggard)
+    for _ in range(100):
+        if restarted.replica.last_executed_seq == top:
+            break
+        c.run(100)
+    assert restarted.replica.last_executed_seq == top
+    assert replies and max(replies) <= 3 and sum(replies) >= top, replies
