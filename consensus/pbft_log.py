@@ -32,14 +32,15 @@ class Slot:
     commit_cert: CommittedBatch | None = None
     retry_at_ms: int = 0  # when to re-send our own votes for this slot if still uncommitted
     retries: int = 0
-    # digest -> (agreed time, requests) of every batch placed here (one per view at most),
-    # kept until the slot is truncated: a later new view may re-propose any batch we
+    # digest -> (agreed time, requests) of the batches we endorsed here (pre-prepare or
+    # prepare; the same ones are on disk), newest last, kept until the slot is truncated
+    # (at most MAX_BODIES_PER_SLOT): a later new view may re-propose any batch we
     # prepared by its digest alone, and peers that lack it fetch it from us.
     bodies: dict[bytes, tuple[int, Batch]] = field(default_factory=dict)
     # (view, digest, holders) of a re-proposal whose body we do not hold yet
     awaiting: tuple[int, bytes, tuple[str, ...]] | None = None
     fetch_at_ms: int = 0  # when to ask the next holder for the awaited body
-    bodies_served: dict[str, int] = field(default_factory=dict)  # peer -> bodies sent it for this slot
+    bodies_served: dict[str, int] = field(default_factory=dict)  # peer -> bodies sent it in this view
 
     @property
     def has_batch(self) -> bool:

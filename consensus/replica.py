@@ -52,7 +52,8 @@ from consensus.quorum import VoteSet
 MAX_PENDING_REQUESTS = 100_000
 VIEW_CHANGE_BACKOFF_CAP = 32  # the view-change timeout grows at most to 32x the base
 MAX_VOTE_RETRIES = 5
-MAX_BODY_ANSWERS = 3  # fetch-body answers per peer and slot
+MAX_BODY_ANSWERS = 3  # fetch-body answers per peer, slot and view
+MAX_BODIES_PER_SLOT = 4  # endorsed batches a slot keeps for re-proposals by digest
 # Catch-up replies (batches, results) stop adding entries past this many bytes, so they
 # stay well below MAX_MESSAGE_BYTES: 64 batches of 1 MiB would not fit in one message,
 # and an oversized reply is never sent, so the asker would ask again forever.
@@ -210,6 +211,7 @@ class Replica:
         self._results: dict[int, BatchResult] = {}
         self._early_votes: dict[int, dict[str, tuple[bytes, bytes, bytes]]] = {}
         self._foreign: dict[int, _Foreign] = {}  # seq -> votes on results we do not hold
+        self._plan_top = 0  # the highest seq the current view's new-view re-proposed (0: none)
         self._missing_results: dict[int, None] = {}  # skipped seqs whose results we still want
         self._results_fetch_at = 0
         self._results_fetch_tries = 0
@@ -622,7 +624,10 @@ class Replica:
         batch's bytes and rebuilt on recovery (its wire is a deterministic encoding)."""
         self._own_votes[(kind, seq)] = (view, digest, wire)
         self._persisted["vote"].add(seq)
-        records = [] if body is None else self._batch_records(seq, digest, body[0], body[1])
+        records = []
+        if body is not None:
+            self._keep_body(self._slot(seq), digest, body)
+            records = self._batch_records(seq, digest, body[0], body[1])
         if header_signature is None:
             records.append((f"vote/{kind}/{seq:016d}", wire))
         else:
@@ -630,6 +635,17 @@ class Replica:
             records.append((f"vote/{kind}/{seq:016d}",
                             canonical_pack([OWN_PREPREPARE_TAG, view, body[0], digest, header_signature])))
         self._out.append(Persist(tuple(records)))
+
+    def _keep_body(self, slot: Slot, digest: bytes, body: tuple[int, Batch]) -> None:
+        """Remember a batch we endorsed (see Slot.bodies), newest last. Past
+        MAX_BODIES_PER_SLOT the oldest goes, never the slot's current batch nor its
+        prepared certificate's: a Byzantine leader gets us to endorse one batch per view
+        it leads, and views can rotate for long without a checkpoint."""
+        slot.bodies.pop(digest, None)
+        slot.bodies[digest] = body
+        keep = {slot.digest, slot.prepared_cert.digest if slot.prepared_cert is not None else None, digest}
+        for old in [d for d in slot.bodies if d not in keep][: max(0, len(slot.bodies) - MAX_BODIES_PER_SLOT)]:
+            del slot.bodies[old]
 
     def _batch_records(self, seq: int, digest: bytes, agreed: int, requests: Batch) -> list[tuple[str, bytes | None]]:
         """The batch's bytes, unless already persisted: put first in the same ``Persist``
@@ -685,7 +701,6 @@ class Replica:
             slot.retries, slot.retry_at_ms = 0, 0
         slot.view, slot.digest, slot.agreed_time_ms, slot.requests = view, digest, agreed, requests
         slot.leader_signature = leader_signature
-        slot.bodies[digest] = (agreed, requests)
         slot.awaiting = None
         if slot.seq > self._last_executed:
             for rid, _ in requests:
@@ -752,6 +767,11 @@ class Replica:
             # Prepares may have overtaken the pre-prepare: do they carry another header?
             self._check_leader_headers(slot, pp.view)
         if pp.seq <= self._last_executed or (slot.has_batch and slot.view == pp.view):
+            return
+        if pp.seq <= self._plan_top:
+            # The new-view decided this seq (its batch may still be on its way to us:
+            # Slot.awaiting); a pre-prepare there is the leader overriding its own plan.
+            self._count("preprepare_in_reproposed_range")
             return
         prev = self._slots.get(pp.seq - 1)
         prev_time = prev.agreed_time_ms if prev is not None and prev.has_batch and prev.requests else self._last_time_ms
@@ -1698,6 +1718,9 @@ class Replica:
                 self._stabilize(plan.stable_seq, plan.stable_digest, plan.checkpoint_proof, own[1])
             elif self._last_executed < plan.stable_seq or own is not None:
                 self._begin_transfer(plan.stable_seq, plan.stable_digest, plan.checkpoint_proof)
+        self._plan_top = plan.top
+        for slot in self._slots.values():
+            slot.bodies_served.clear()  # answers lost in earlier views must not starve anyone
         # Unprepared proposals of older views above the re-proposed range are void.
         for s, slot in sorted(self._slots.items()):
             if s > plan.top and not slot.committed and slot.view < view:
@@ -1779,7 +1802,7 @@ class Replica:
             self._count("invalid_body")
             return
         slot.awaiting = None
-        slot.bodies[digest] = (p.agreed_time_ms, p.requests)
+        self._keep_body(slot, digest, (p.agreed_time_ms, p.requests))
         if view == self._view and not self._in_view_change:
             self._accept_reproposed(slot, view, Reproposal(p.seq, digest, holders))
 
@@ -1792,6 +1815,7 @@ class Replica:
         batches could commit at one sequence number (consensus review, seventh session)."""
         nv: NewView = decode(wire).payload  # type: ignore[assignment]
         plan = plan_new_view(self.keyring, self._cid, [decode(w).payload for w in nv.view_changes])  # type: ignore[misc]
+        self._plan_top = plan.top
         self._place_reproposals(plan, self._view)
         self._next_seq = max(self._next_seq, plan.top + 1)
 

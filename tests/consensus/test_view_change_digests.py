@@ -6,7 +6,9 @@ re-proposed batch fetches its body from the certificate's signers."""
 from __future__ import annotations
 
 from consensus.actions import Send
-from consensus.messages import BodyReply, FetchBody, decode, encode
+from consensus.messages import (
+    BodyReply, FetchBody, PrePrepare, batch_digest, decode, encode, encode_signed, preprepare_header_bytes,
+)
 from consensus.replica import ReplicaConfig
 from tests.consensus.harness import Cluster, ViewChanged
 
@@ -131,3 +133,65 @@ def test_a_peer_gets_a_body_at_most_three_times_per_slot() -> None:
     assert len(answers) == 3 and all(decode(a.payload).kind == "body" for a in answers)
     other = encode("test-cluster", c.ids[3], FetchBody(1, digest))
     assert any(isinstance(a, Send) for a in holder.receive(c.ids[3], other, c.now))  # per peer
+
+
+def _batch_missed_by_node3(c: Cluster, lose_bodies: dict[str, bool]) -> None:
+    """View 0: node-3 never sees the pre-prepare of seq 1 and nothing commits; then node-0
+    crashes, so view 1 needs node-3's prepare for a batch it must fetch. ``body`` replies
+    to node-3 are lost while ``lose_bodies["on"]``."""
+    late = c.ids[3]
+    state = {"view0": True}
+
+    def drop(_s: str, d: str, data: bytes) -> bool:
+        kind = decode(data).kind
+        if state["view0"] and (kind == "commit" or (d == late and kind == "pre-prepare")):
+            return True
+        return lose_bodies["on"] and d == late and kind == "body"
+
+    c.drop = drop
+    for i in range(2):
+        c.submit(c.ids[0], f"a{i}", f"a{i}".encode())
+    c.run(100)
+    state["view0"] = False
+    c.crash(c.ids[0])
+    c.submit(c.ids[2], "p", b"p")
+
+
+def test_lost_body_answers_do_not_starve_a_replica_after_the_network_heals() -> None:
+    """Each peer gets 3 answers per slot and view: answers lost in one view must not use
+    up the holders for good (review of b184fa4: the cluster stayed stuck for 2 minutes)."""
+    c = Cluster(4, ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4, batch_max_requests=2))
+    lossy = {"on": True}
+    _batch_missed_by_node3(c, lossy)
+    c.run(6000)  # 24 asks, every answer lost
+    assert c.nodes[c.ids[3]].replica.executed_seq("a1") is None
+    lossy["on"] = False
+    _run_until(c, lambda: all(c.nodes[n].replica.executed_seq("p") is not None for n in c.ids[1:]), rounds=1200)
+
+
+def test_a_leader_cannot_propose_over_its_new_views_re_proposals() -> None:
+    """While node-3 waits for a re-proposed batch its slot is empty; a pre-prepare of the
+    new leader for that seq must still be refused (it would make node-3 sign a prepare
+    against the new-view, and then refuse the planned batch in that view)."""
+    c = Cluster(4, ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4, batch_max_requests=2))
+    _batch_missed_by_node3(c, {"on": True})
+    late = c.nodes[c.ids[3]].replica
+    _run_until(c, lambda: late.view == 1 and not late.in_view_change)
+    assert late._slots[1].awaiting is not None
+    requests = (("evil", b"evil"),)
+    digest = batch_digest(c.now, requests)
+    signature = c.keys[1].sign(preprepare_header_bytes("test-cluster", 1, 1, c.now, digest))
+    rogue = encode_signed("test-cluster", c.ids[1], PrePrepare(1, 1, c.now, requests, digest), signature)
+    sent = [decode(a.payload) for a in late.receive(c.ids[1], rogue, c.now) if isinstance(a, Send)]
+    assert not [m for m in sent if m.kind == "prepare"]
+    assert late.counters.get("preprepare_in_reproposed_range") == 1 and late._slots[1].awaiting is not None
+
+
+def test_a_slot_keeps_at_most_four_endorsed_batches_besides_its_current_and_prepared_ones() -> None:
+    c = Cluster(4, ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4, batch_max_requests=1))
+    replica = c.nodes[c.ids[1]].replica
+    slot = replica._slot(1)
+    bodies = [(i, ((f"r{i}", bytes([i])),)) for i in range(7)]
+    for agreed, requests in bodies:
+        replica._keep_body(slot, batch_digest(agreed, requests), (agreed, requests))
+    assert list(slot.bodies) == [batch_digest(a, r) for a, r in bodies[-4:]]  # the newest four
