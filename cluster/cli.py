@@ -152,12 +152,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"      hypermesh proofs make --manifest {args.dir}/manifest.json --out /tmp/p.msgpack && "
          f"hypermesh call consensus/validate_proofs --cluster {args.dir} --payload-file /tmp/p.msgpack")
     _say("Press Ctrl-C to stop the cluster.")
+    reported: set[str] = set()
     try:
         while not stop["requested"]:
+            # A dead node is reported once; the others keep serving (up to f may fail).
             for node in cluster.nodes.values():
-                if node.process is not None and node.process.poll() is not None and not getattr(node, "_reported", False):
-                    _say(f"warning: {node.node_id} exited with code {node.process.returncode}; see {node.log_path}")
-                    node._reported = True  # type: ignore[attr-defined]
+                if node.process is not None and node.process.poll() is not None and node.node_id not in reported:
+                    reported.add(node.node_id)
+                    _say(f"warning: {node.node_id} exited with code {node.process.returncode}; see {node.log_path}; "
+                         f"the other nodes keep running ({len(reported)} down, the cluster tolerates "
+                         f"{cluster.manifest.f})")
             time.sleep(0.2)
     finally:
         _say("stopping the cluster ...")
