@@ -52,6 +52,7 @@ from consensus.quorum import VoteSet
 MAX_PENDING_REQUESTS = 100_000
 VIEW_CHANGE_BACKOFF_CAP = 32  # the view-change timeout grows at most to 32x the base
 MAX_VOTE_RETRIES = 5
+LATE_VOTE_PROBES = 2  # times a final batch's vote goes to validators whose votes are missing
 MAX_BODY_ANSWERS = 3  # fetch-body answers per peer, slot and view
 MAX_BODIES_PER_SLOT = 4  # endorsed batches a slot keeps for re-proposals by digest
 # Catch-up replies (batches, results) stop adding entries past this many bytes, so they
@@ -1144,12 +1145,23 @@ class Replica:
 
     def _retry_result_votes(self, now: int) -> None:
         """Votes can be lost: while a batch is not final here, re-send our own vote
-        (identical bytes) with back-off; peers answer with theirs."""
+        (identical bytes) with back-off; peers answer with theirs. Once final, a vote
+        still missing a while later was probably lost too (a peer's link to us was not
+        up yet, and a peer final at its end re-sends nothing): our vote goes to just
+        those validators, at most LATE_VOTE_PROBES times, and they answer with theirs,
+        so confidence_level counts every validator that agreed."""
         for seq, br in self._results.items():
-            if br.final_count > 0 or br.retries >= MAX_VOTE_RETRIES or now < br.retry_at_ms:
+            if br.retries >= MAX_VOTE_RETRIES or now < br.retry_at_ms:
                 continue
             mine = br.votes.get(self.node_id)
             if mine is None:
+                continue
+            if br.final_count > 0:
+                missing = [n for n in self.keyring.node_ids if n not in br.votes]
+                if missing and br.retries < LATE_VOTE_PROBES and mine[2]:
+                    br.retries += 1
+                    br.retry_at_ms = now + self._retry_delay() * (2 ** br.retries)
+                    self._out.extend(Send(mine[2], n) for n in missing)
                 continue
             br.retries += 1
             br.retry_at_ms = now + self._retry_delay() * (2 ** br.retries)
