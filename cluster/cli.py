@@ -152,22 +152,47 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"      hypermesh proofs make --manifest {args.dir}/manifest.json --out /tmp/p.msgpack && "
          f"hypermesh call consensus/validate_proofs --cluster {args.dir} --payload-file /tmp/p.msgpack")
     _say("Press Ctrl-C to stop the cluster.")
-    reported: set[str] = set()
+    supervisor = _Supervisor(cluster, restart=args.restart == "on-failure")
     try:
         while not stop["requested"]:
-            # A dead node is reported once; the others keep serving (up to f may fail).
-            for node in cluster.nodes.values():
-                if node.process is not None and node.process.poll() is not None and node.node_id not in reported:
-                    reported.add(node.node_id)
-                    _say(f"warning: {node.node_id} exited with code {node.process.returncode}; see {node.log_path}; "
-                         f"the other nodes keep running ({len(reported)} down, the cluster tolerates "
-                         f"{cluster.manifest.f})")
+            supervisor.check(time.monotonic())
             time.sleep(0.2)
     finally:
         _say("stopping the cluster ...")
         cluster.stop()
         _say("stopped")
     return 0
+
+
+class _Supervisor:
+    """What ``hypermesh up`` does when a node exits on its own: restart it (it recovers
+    from its store and catches up), like compose's ``restart: unless-stopped`` — unless
+    it keeps dying (RESTARTS_PER_MINUTE), or --restart no. Either way the others keep
+    serving: up to f nodes may be down."""
+
+    RESTARTS_PER_MINUTE = 5
+
+    def __init__(self, cluster: Any, restart: bool) -> None:
+        self.cluster = cluster
+        self.restart = restart
+        self.restarts: dict[str, list[float]] = {}
+        self.left_down: set[str] = set()
+
+    def check(self, now: float) -> None:
+        for node in self.cluster.nodes.values():
+            if node.process is None or node.process.poll() is None or node.node_id in self.left_down:
+                continue
+            recent = [t for t in self.restarts.get(node.node_id, []) if now - t < 60]
+            exited = f"warning: {node.node_id} exited with code {node.process.returncode} (log {node.log_path})"
+            if self.restart and len(recent) < self.RESTARTS_PER_MINUTE:
+                self.restarts[node.node_id] = [*recent, now]
+                _say(f"{exited}; restarting it ({len(recent) + 1} of at most {self.RESTARTS_PER_MINUTE} a minute)")
+                self.cluster.start_node(node.node_id)
+                continue
+            self.left_down.add(node.node_id)
+            why = "it keeps exiting" if self.restart else "--restart no"
+            _say(f"{exited}; left down ({why}); the other nodes keep serving "
+                 f"({len(self.left_down)} down, the cluster tolerates {self.cluster.manifest.f})")
 
 
 async def _with_client(args: argparse.Namespace, work: Any) -> Any:
@@ -348,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="run a local N-node cluster on [::1] until Ctrl-C",
         description="Start N consensus-server processes on [::1], wait until every node is healthy, print the "
         "endpoints, and stop them cleanly on Ctrl-C. Keys are created once in --dir and reused.",
-        epilog="Examples:\n  hypermesh up\n  hypermesh up --nodes 7 --dir .cluster7 --base-port 9392 --metrics-base-port 9564",
+        epilog="Examples:\n  hypermesh up\n  hypermesh up --nodes 7 --dir .cluster7 --base-port 9392 --metrics-base-port 9564\n"
+        "  hypermesh up --restart no      # a node you kill -9 stays down (watch the others carry on)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     up.add_argument("--nodes", type=int, default=4, help="validators to run (default 4, f=1)")
@@ -363,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="every node's log level (default info); logs go to DIR/logs/<node-id>.log")
     up.add_argument("--timeout", type=float, default=60.0,
                     help="seconds to wait for the nodes to become healthy (default 60)")
+    up.add_argument("--restart", choices=("on-failure", "no"), default="on-failure",
+                    help="a node that exits on its own (crash, kill -9) is started again and catches up from "
+                    "its store, at most 5 times a minute (default on-failure); 'no' leaves it down")
     up.set_defaults(func=cmd_up)
 
     call = sub.add_parser(

@@ -1,5 +1,6 @@
 """``hypermesh up`` (the README's run command) as a user runs it: a real process that
-starts a 4-node cluster, keeps serving when a node dies, and stops on Ctrl-C."""
+starts a 4-node cluster, restarts a node that dies (or, with --restart no, keeps serving
+without it), and stops on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 from cluster.client import ClusterClient
+from cluster.manifest import load_manifest
+from cluster.workload import ProofFactory
 from tests.integration.conftest import free_udp_ports, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,37 +57,77 @@ def _children(pid: int) -> dict[str, int]:
     return out
 
 
-def test_up_survives_a_dead_node_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+def _start_up(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], _Lines, Path]:
     base = free_udp_ports(4)
     directory = tmp_path / "cluster"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "up", "--dir", str(directory), "--base-port", str(base),
-         "--metrics-base-port", "0"],
+         "--metrics-base-port", "0", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     out = _Lines(proc)
-    try:
-        out.wait_for("Press Ctrl-C", 120)
-        nodes = _children(proc.pid)
-        assert sorted(nodes) == ["node-1", "node-2", "node-3", "node-4"]
-        os.kill(nodes["node-1"], signal.SIGKILL)
-        out.wait_for("warning: node-1 exited with code -9", 30)
+    out.wait_for("Press Ctrl-C", 120)
+    return proc, out, directory
 
-        async def healthy_others() -> bool:
-            async with ClusterClient.from_manifest(directory, timeout_s=5) as client:
-                for node_id in ("node-2", "node-3", "node-4"):
-                    health = await client.call_node(node_id, "consensus/health")
-                    if health.get("status") != "healthy":
-                        return False
-            return True
 
-        asyncio.run(wait_until(healthy_others, 30, "the three surviving nodes to answer healthy"))
-        assert proc.poll() is None, "hypermesh up exited when one node died"
-        assert sum("warning: node-1 exited" in line for line in out.lines) == 1  # reported once
-    finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
+def _ctrl_c(proc: subprocess.Popen[str], out: _Lines) -> None:
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
     out.wait_for("stopped", 5)
     assert code == 0, "".join(out.lines)
     assert "Traceback" not in "".join(out.lines)
     assert _children(proc.pid) == {}
+
+
+async def _healthy(directory: Path, node_ids: tuple[str, ...]) -> bool:
+    async with ClusterClient.from_manifest(directory, timeout_s=5) as client:
+        for node_id in node_ids:
+            if (await client.call_node(node_id, "consensus/health")).get("status") != "healthy":
+                return False
+    return True
+
+
+def test_up_restarts_a_killed_leader_which_catches_up(tmp_path: Path) -> None:
+    proc, out, directory = _start_up(tmp_path)
+    try:
+        first = _children(proc.pid)
+        assert sorted(first) == ["node-1", "node-2", "node-3", "node-4"]
+        os.kill(first["node-1"], signal.SIGKILL)  # node-1 leads view 0
+        out.wait_for("warning: node-1 exited with code -9", 30)
+        out.wait_for("restarting it (1 of at most 5 a minute)", 5)
+        factory = ProofFactory(load_manifest(directory).validation_params())
+
+        async def call_then_converge() -> None:
+            async with ClusterClient.from_manifest(directory, timeout_s=30) as client:
+                answer = await client.validate_proofs(factory.proofs(), wait_s=60)
+                assert answer["status"] == "Valid", answer
+            await wait_until(lambda: _healthy(directory, ("node-1",)), 60, "the restarted node-1")
+
+            async def caught_up() -> bool:
+                async with ClusterClient.from_manifest(directory, timeout_s=5) as client:
+                    seqs = [(await client.call_node(n, "consensus/health"))["last_executed_seq"]
+                            for n in ("node-1", "node-2", "node-3", "node-4")]
+                return min(seqs) >= 1 and len(set(seqs)) == 1
+
+            await wait_until(caught_up, 60, "node-1 to catch up with the others")
+
+        asyncio.run(call_then_converge())
+        assert _children(proc.pid)["node-1"] != first["node-1"]  # a new process
+        assert proc.poll() is None
+    finally:
+        _ctrl_c(proc, out)
+
+
+def test_up_with_restart_no_leaves_a_dead_node_down_and_keeps_serving(tmp_path: Path) -> None:
+    proc, out, directory = _start_up(tmp_path, "--restart", "no")
+    try:
+        os.kill(_children(proc.pid)["node-2"], signal.SIGKILL)
+        out.wait_for("warning: node-2 exited with code -9", 30)
+        out.wait_for("left down (--restart no)", 5)
+        asyncio.run(wait_until(lambda: _healthy(directory, ("node-1", "node-3", "node-4")), 30,
+                               "the three surviving nodes to answer healthy"))
+        assert proc.poll() is None, "hypermesh up exited when one node died"
+        assert "node-2" not in _children(proc.pid)
+        assert sum("node-2 exited" in line for line in out.lines) == 1  # reported once
+    finally:
+        _ctrl_c(proc, out)
