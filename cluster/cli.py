@@ -133,6 +133,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    busy = cluster.busy_ports()
+    if busy:
+        shown = "; ".join(busy[:3]) + (f"; and {len(busy) - 3} more" if len(busy) > 3 else "")
+        raise CliError(f"cannot start: {shown}. Is this cluster already running (hypermesh status "
+                       f"--cluster {args.dir})? Stop it, or choose free ports with --base-port / --metrics-base-port")
     _say(f"starting {len(cluster.nodes)} consensus-server processes (logs in {cluster.directory / 'logs'})")
     cluster.start()
     try:
@@ -143,10 +148,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     _say("")
     _say(f"HyperMesh cluster {cluster.manifest.cluster_id} is up: n={cluster.manifest.n}, f={cluster.manifest.f}")
-    _say(f"{'node':<10} {'STOQ endpoint (QUIC/UDP)':<26} {'metrics':<28} log")
+    _say(f"{'node':<10} {'pid':<8} {'STOQ endpoint (QUIC/UDP)':<26} {'metrics':<28} log")
     for node in cluster.nodes.values():
         metrics = f"http://[::1]:{node.metrics_port}/metrics" if node.metrics_port else "-"
-        _say(f"{node.node_id:<10} {cluster.manifest.node(node.node_id).endpoint:<26} {metrics:<28} {node.log_path}")
+        pid = node.process.pid if node.process is not None else "-"
+        _say(f"{node.node_id:<10} {pid:<8} {cluster.manifest.node(node.node_id).endpoint:<26} {metrics:<28} "
+             f"{node.log_path}")
     _say("")
     _say(f"try:  hypermesh status --cluster {args.dir}")
     _say(f"      hypermesh proofs make --manifest {args.dir}/manifest.json --out /tmp/p.msgpack && "
@@ -186,13 +193,20 @@ class _Supervisor:
             exited = f"warning: {node.node_id} exited with code {node.process.returncode} (log {node.log_path})"
             if self.restart and len(recent) < self.RESTARTS_PER_MINUTE:
                 self.restarts[node.node_id] = [*recent, now]
-                _say(f"{exited}; restarting it ({len(recent) + 1} of at most {self.RESTARTS_PER_MINUTE} a minute)")
                 self.cluster.start_node(node.node_id)
+                _say(f"{exited}; restarted it as pid {node.process.pid} ({len(recent) + 1} of at most "
+                     f"{self.RESTARTS_PER_MINUTE} a minute)")
                 continue
             self.left_down.add(node.node_id)
             why = "it keeps exiting" if self.restart else "--restart no"
-            _say(f"{exited}; left down ({why}); the other nodes keep serving "
-                 f"({len(self.left_down)} down, the cluster tolerates {self.cluster.manifest.f})")
+            down, f = len(self.left_down), self.cluster.manifest.f
+            if down <= f:
+                _say(f"{exited}; left down ({why}); the other nodes keep serving ({down} down, the cluster "
+                     f"tolerates {f})")
+            else:
+                _say(f"{exited}; left down ({why}). {down} nodes are down, more than the {f} the cluster "
+                     "tolerates: no request can be ordered until enough of them are back (requests accepted "
+                     "meanwhile stay Pending)")
 
 
 async def _with_client(args: argparse.Namespace, work: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from .manifest import Manifest, NodeEntry, load_manifest
 FINAL_STATUSES = ("Valid", "Invalid", "Error")
 SHARED_SERVER_NAME = "consensus"  # in every node certificate (hypermesh cluster init --extra-dns)
 # Errors worth trying on another node: the node is down, busy, or cut off.
+CONNECT_TIMEOUT_S = 2.0  # per node, when the client has other nodes to try
 FAILOVER_CODES = {ErrorCode.TransportError, ErrorCode.Timeout, ErrorCode.Overloaded, ErrorCode.RateLimited}
 
 
@@ -94,9 +96,14 @@ class ClusterClient:
         client = self._clients.get(key)
         if client is None:
             cert, key_pem = self._client_cert or (None, None)
+            # With other nodes to try, a node that does not answer the handshake is left
+            # after one short attempt (a frozen node cost every call 3 x 5 s); call()
+            # spends the retries on passes over all the nodes instead.
+            alone = len(self.endpoints) == 1
             client = StoqClient(
                 entry.host, entry.port, ca_pem=self.manifest.ca_pem, server_name=entry.server_name,
-                client_cert_pem=cert, client_key_pem=key_pem, timeout_s=self.timeout_s, retries=self.retries,
+                client_cert_pem=cert, client_key_pem=key_pem, timeout_s=self.timeout_s,
+                retries=self.retries if alone else 0, connect_timeout_s=5.0 if alone else CONNECT_TIMEOUT_S,
             )
             self._clients[key] = client
         return client
@@ -120,7 +127,22 @@ class ClusterClient:
         return response.payload
 
     async def call(self, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
-        """Call any node; on transport failure, timeout or overload try the next one."""
+        """Call any node; on transport failure, timeout or overload try the next one.
+        When no node could even be reached, try them all again (``retries`` more
+        passes, backing off): a restarting cluster comes back."""
+        passes = 1 + (self.retries if len(self.endpoints) > 1 else 0)
+        delay = 0.2
+        for attempt in range(passes):
+            try:
+                return await self._one_pass(path, payload, timeout_s)
+            except ApiError as exc:
+                if exc.code != ErrorCode.TransportError or attempt == passes - 1:
+                    raise
+            await asyncio.sleep(delay * (1 + random.random() * 0.25))
+            delay *= 2
+        raise AssertionError("unreachable: the last pass raises")
+
+    async def _one_pass(self, path: str, payload: Any, timeout_s: float | None) -> Any:
         last: ApiError | None = None
         for entry in self._ordered_endpoints():
             try:
@@ -230,8 +252,31 @@ class ClusterClient:
         return await self._validate("consensus/validate_certificate", payload, wait_s, node_id)
 
     async def validation_status(self, request_id: str, node_id: str | None = None) -> dict[str, Any]:
-        """The stored result (verified when final) or a ``Pending`` answer."""
-        result = await self._ask("consensus/validation_status", {"request_id": request_id}, node_id)
+        """The stored result (verified when final) or a ``Pending`` answer. Without
+        ``node_id`` one node's ``NotFound`` or ``Pending`` is not the last word (it may
+        be behind, or have been down): the other nodes are asked before answering so."""
+        if node_id is not None:
+            return self._checked_status(request_id, await self.call_node(
+                node_id, "consensus/validation_status", {"request_id": request_id}))
+        pending: dict[str, Any] | None = None
+        error: ApiError | None = None
+        for entry in self._ordered_endpoints():
+            try:
+                result = await self.call_node(entry.node_id, "consensus/validation_status", {"request_id": request_id})
+            except ApiError as exc:
+                if exc.code != ErrorCode.NotFound and exc.code not in FAILOVER_CODES:
+                    raise
+                if error is None or exc.code == ErrorCode.NotFound:
+                    error = exc  # NotFound says more than a node that could not be reached
+                continue
+            if isinstance(result, dict) and result.get("status") in FINAL_STATUSES:
+                return self._checked_status(request_id, result)
+            pending = pending or result
+        if pending is not None:
+            return pending
+        raise error or ApiError(ErrorCode.TransportError, "no endpoints configured")
+
+    def _checked_status(self, request_id: str, result: Any) -> Any:
         if isinstance(result, dict) and result.get("status") in FINAL_STATUSES:
             self.verify_result(result)
             # The certificate proves the result is about its own request_id, not about ours.
@@ -252,7 +297,10 @@ class ClusterClient:
                 if exc.code != ErrorCode.NotFound:
                     raise
             if time.monotonic() + delay > deadline:
-                raise ApiError(ErrorCode.Timeout, f"{request_id} not final after {timeout_s:.0f}s")
+                raise ApiError(ErrorCode.Timeout, (
+                    f"{request_id} accepted but not final after waiting {timeout_s:.0f}s (is more than f of the "
+                    "cluster down?); it is durable and is decided once the cluster can order it: ask later with "
+                    f"consensus/validation_status {{\"request_id\": \"{request_id}\"}}"))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +103,26 @@ class LocalCluster:
             *self.common_args,
             *self.extra_args.get(node_id, []),
         ]
+
+    def busy_ports(self) -> list[str]:
+        """The ports the nodes need that something already holds (this cluster running
+        in another terminal, say): checked before starting, so the nodes do not die one
+        by one with "Address already in use" while that other cluster answers our
+        health checks."""
+        busy = []
+        for node in self.nodes.values():
+            needs = [("STOQ (UDP)", socket.SOCK_DGRAM, node.host, node.port)]
+            if node.metrics_port:
+                needs.append(("metrics (TCP)", socket.SOCK_STREAM, "::1", node.metrics_port))
+            for what, kind, host, port in needs:
+                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as probe:
+                    if kind == socket.SOCK_STREAM:
+                        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the metrics server does
+                    try:
+                        probe.bind((host, port))
+                    except OSError as exc:
+                        busy.append(f"{node.node_id}'s {what} port {port}: {exc.strerror}")
+        return busy
 
     def start_node(self, node_id: str) -> None:
         node = self.nodes[node_id]

@@ -113,7 +113,7 @@ async def serve(args: argparse.Namespace) -> int:
     from .repair import ResultRepair
     from .runtime import ReplicaDriver
     from .service import ServiceLimits, ValidationService, wrap_handler
-    from .store import Store
+    from .store import Store, lock_data_dir
     from .tracing import make_tracer
 
     node_id = args.node_id or (DEFAULT_NODE_ID if not args.cluster else None)
@@ -142,6 +142,7 @@ async def serve(args: argparse.Namespace) -> int:
             log.warning("!!! BYZANTINE MODE %r: this node WILL MISBEHAVE on purpose (test only) !!!", args.byzantine)
 
     log.info("Initializing consensus engine...")
+    data_lock = lock_data_dir(data_dir)  # held until the process exits
     store = Store(data_dir / "node.db", sync_commits=args.sync_commits)
     metrics = NodeMetrics()
     node_dir = manifest.node_dir(node_id)
@@ -203,14 +204,21 @@ async def serve(args: argparse.Namespace) -> int:
         peer_connected=mesh.peer_connected,
         peer_members=peers.keys(),
     )
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        raise OSError(exc.errno, f"STOQ port (UDP) [{args.bind}]:{port}: {exc.strerror}") from None
     mesh_holder["mesh"] = mesh
     await mesh.start()
     await driver.start()
     repair = ResultRepair(node_id=node_id, manifest=manifest, store=store, adopt=driver.adopt_result)
     repair.start()
     if args.metrics_port:
-        start_metrics_server(metrics, args.metrics_bind or args.bind, args.metrics_port)
+        try:
+            start_metrics_server(metrics, args.metrics_bind or args.bind, args.metrics_port)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics port (TCP) [{args.metrics_bind or args.bind}]:{args.metrics_port}: "
+                          f"{exc.strerror}") from None
         log.info("Prometheus metrics on [%s]:%d/metrics", args.metrics_bind or args.bind, args.metrics_port)
 
     stop = asyncio.Event()
@@ -241,6 +249,7 @@ async def serve(args: argparse.Namespace) -> int:
     await mesh.stop()
     await driver.stop()
     store.close()
+    data_lock.close()
     if tracer_provider is not None:
         tracer_provider.shutdown()
     if driver.failed is not None:

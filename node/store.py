@@ -25,7 +25,9 @@ thread runs on its own connection (``WalCheckpointer``) so no COMMIT has to copy
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -33,10 +35,37 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import msgpack
 
 log = logging.getLogger("hypermesh.store")
+
+
+class DataDirInUse(OSError):
+    """Another process holds this data directory (two writers would corrupt the store)."""
+
+
+def lock_data_dir(data_dir: Path) -> TextIO:
+    """Take ``data_dir/LOCK`` (an exclusive flock, released when the process exits, even
+    by kill -9) and write our pid in it. Returns the open file: keep it open."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "LOCK", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise DataDirInUse(
+            f"data directory {data_dir} is in use by another consensus-server (pid {holder}): stop that one, "
+            "or give this one its own --data-dir"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (

@@ -69,7 +69,42 @@ def test_call_validation_status_says_verified_after_checking(
     assert main([*STATUS, "--cluster", str(manifest.directory)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["certificate"] == "verified" and printed["request_id"] == "req-1"
-    assert fake.routes == [("any", "consensus/validation_status")]
+    assert fake.routes == [("node-1", "consensus/validation_status")]  # final at once: no one else asked
+
+
+def test_call_validation_status_asks_the_other_nodes_before_saying_not_found(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A node that is behind (or was down) does not know the request yet: its NotFound
+    or Pending is not the cluster's answer."""
+    from transport.envelope import ApiError, ErrorCode
+
+    answers: dict[str, Any] = {"node-1": ApiError(ErrorCode.NotFound, "no request 'req-1' is known to node-1"),
+                               "node-2": {"request_id": "req-1", "status": "Pending", "leader": "node-1"},
+                               "node-3": certified_reply(manifest, "req-1")}
+    asked: list[str] = []
+
+    async def call_node(_client: Any, node_id: str, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+        asked.append(node_id)
+        answer = answers.get(node_id, ApiError(ErrorCode.NotFound, "unknown"))
+        if isinstance(answer, ApiError):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(ClusterClient, "call_node", call_node)
+    assert main([*STATUS, "--cluster", str(manifest.directory)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["status"] == "Valid" and printed["certificate"] == "verified"
+    assert asked == ["node-1", "node-2", "node-3"]
+
+    answers["node-3"] = ApiError(ErrorCode.NotFound, "unknown")
+    asked.clear()
+    assert main([*STATUS, "--cluster", str(manifest.directory)]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "Pending"  # one node knows it: not NotFound
+    assert asked == ["node-1", "node-2", "node-3", "node-4"]
+
+    answers["node-2"] = ApiError(ErrorCode.NotFound, "unknown")
+    assert main([*STATUS, "--cluster", str(manifest.directory)]) != 0
+    assert "NotFound" in capsys.readouterr().err
 
 
 def test_call_validation_status_needs_a_request_id(

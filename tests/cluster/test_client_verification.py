@@ -101,10 +101,10 @@ def test_validation_status_refuses_a_certified_result_for_another_request(manife
     client = ClusterClient(manifest)
     answers = {"req-MINE": certified_reply(manifest, "req-OTHER")}  # genuinely certified, wrong request
 
-    async def fake_call(path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+    async def fake_call_node(node_id: str, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
         return answers[payload["request_id"]]
 
-    monkeypatch.setattr(client, "call", fake_call)
+    monkeypatch.setattr(client, "call_node", fake_call_node)
     with pytest.raises(UnverifiedResult, match="req-OTHER"):
         asyncio.run(client.validation_status("req-MINE"))
     answers["req-MINE"] = certified_reply(manifest, "req-MINE")

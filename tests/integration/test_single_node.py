@@ -296,3 +296,17 @@ def test_sigterm_answers_a_waiting_validation_pending_then_exits_cleanly(tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_a_busy_port_is_named_in_the_start_up_error(tmp_path: Path) -> None:
+    import socket
+
+    port = free_udp_ports(1)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as taken:
+        taken.bind(("::1", port))
+        out = subprocess.run(
+            [sys.executable, "-m", "node.main", "--data-dir", str(tmp_path / "n"), "--bind", "::1", "--port", str(port)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+    assert out.returncode == 1
+    assert f"cannot start: [Errno 98] STOQ port (UDP) [::1]:{port}: Address already in use" in out.stderr, out.stderr

@@ -94,7 +94,7 @@ def test_up_restarts_a_killed_leader_which_catches_up(tmp_path: Path) -> None:
         assert sorted(first) == ["node-1", "node-2", "node-3", "node-4"]
         os.kill(first["node-1"], signal.SIGKILL)  # node-1 leads view 0
         out.wait_for("warning: node-1 exited with code -9", 30)
-        out.wait_for("restarting it (1 of at most 5 a minute)", 5)
+        out.wait_for("(1 of at most 5 a minute)", 5)
         factory = ProofFactory(load_manifest(directory).validation_params())
 
         async def call_then_converge() -> None:
@@ -131,3 +131,20 @@ def test_up_with_restart_no_leaves_a_dead_node_down_and_keeps_serving(tmp_path: 
         assert sum("node-2 exited" in line for line in out.lines) == 1  # reported once
     finally:
         _ctrl_c(proc, out)
+
+
+def test_up_refuses_to_start_over_ports_in_use(tmp_path: Path) -> None:
+    """A second `up` (or anything else) on the ports: a clear refusal before any node
+    starts, instead of nodes dying one by one while the other cluster answers."""
+    import socket
+
+    base = free_udp_ports(4)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as taken:
+        taken.bind(("::1", base + 2))
+        out = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "up", "--dir", str(tmp_path / "c"), "--base-port", str(base),
+             "--metrics-base-port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"node-3's STOQ (UDP) port {base + 2}: Address already in use" in out.stderr
+    assert "starting 4 consensus-server" not in out.stdout

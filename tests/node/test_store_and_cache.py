@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 from node.cache import ResultCache
 from node.store import PendingRequest, Store, StoredResult
@@ -192,3 +195,16 @@ def test_the_audit_table_keeps_only_the_newest_rows(tmp_path: Path) -> None:
         assert [r[3] for r in rows] == ["r11", "r10", "r9", "r8", "r7"]
     finally:
         store.close()
+
+
+def test_a_data_directory_has_one_owner(tmp_path: Path) -> None:
+    """Two consensus-servers on one store would both write it under one identity."""
+    from node.store import DataDirInUse, lock_data_dir
+
+    held = lock_data_dir(tmp_path / "node-2")
+    try:
+        with pytest.raises(DataDirInUse, match=rf"in use by another consensus-server \(pid {os.getpid()}\)"):
+            lock_data_dir(tmp_path / "node-2")
+    finally:
+        held.close()
+    lock_data_dir(tmp_path / "node-2").close()  # free again once the owner is gone
