@@ -7,6 +7,10 @@ forever. Every few seconds this looks at pending rows older than a threshold and
 the other validators' ``consensus/validation_status``; a result is adopted only if its
 certificate verifies against the manifest and it is about exactly the request this
 node accepted (same request digest) — a peer is never trusted, only checked.
+
+A node that caught up by state transfer also holds no results for the requests the
+skipped batches executed (accepted elsewhere, so not in its pending rows); the service
+asks ``fetch_certified`` for one of those when a client asks about it.
 """
 
 from __future__ import annotations
@@ -93,7 +97,26 @@ class ResultRepair:
             log.info("adopted %d certified results from peers for requests accepted here", adopted)
         return adopted
 
-    async def _fetch(self, entry: Any, request_id: str, request_digest: bytes) -> StoredResult | None:
+    async def fetch_certified(self, request_id: str) -> StoredResult | None:
+        """A certified result for ``request_id`` from the first peer that has one (the
+        certificate checked against the manifest), or None. For requests this node
+        knows were executed but holds no result of (it skipped their batches)."""
+        for entry in self.manifest.nodes:
+            if entry.node_id == self.node_id:
+                continue
+            try:
+                stored = await self._fetch(entry, request_id, None)
+            except Exception as exc:  # one peer's odd answer must not stop the others' turn
+                log.warning("%s: unusable answer about %s (%s)", entry.node_id, request_id, exc)
+                continue
+            if stored is not None:
+                self.repaired += 1
+                return stored
+        return None
+
+    async def _fetch(self, entry: Any, request_id: str, request_digest: bytes | None) -> StoredResult | None:
+        """``request_digest`` None: any request certified under this id (the cluster
+        executes one request per id, and the certificate proves which)."""
         try:
             answer = await self._client(entry).call("consensus/validation_status", {"request_id": request_id})
         except ApiError:
@@ -111,11 +134,11 @@ class ResultRepair:
             outcome = decode_outcome(result)
         except Exception:
             return None
-        if outcome.request_id != request_id or outcome.request_digest != request_digest:
+        if outcome.request_id != request_id or request_digest not in (None, outcome.request_digest):
             log.warning("%s sent a certified result for a different request under %s", entry.node_id, request_id)
             return None
         return StoredResult(
-            request_id, request_digest, outcome.status, result, certificate,
+            request_id, outcome.request_digest, outcome.status, result, certificate,
             len(certificate.get("signatures") or []), self.manifest.n, int(certificate["seq"]),
             _small_int(answer.get("view")), str(answer.get("leader") or "")[:128],
         )

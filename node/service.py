@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from opentelemetry import trace
 
@@ -79,6 +79,7 @@ class ValidationService:
         cache: ResultCache | None,
         peer_stats: Any = None,
         tracer: Any = None,
+        fetch_certified: Callable[[str], Awaitable[StoredResult | None]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -88,6 +89,7 @@ class ValidationService:
         self.cache = cache
         self.peer_stats = peer_stats
         self.tracer = tracer or trace.NoOpTracer()
+        self.fetch_certified = fetch_certified  # ResultRepair.fetch_certified
         self.started = time.time()
         self.in_flight = 0
         self._short_results = 0  # consecutive results whose grace ran out before all n votes came
@@ -215,10 +217,16 @@ class ValidationService:
         stored = self.driver.store.get_result(request_id)
         if stored is not None:
             return result_payload(stored)
-        # Accepted here and not final yet, or executed by the cluster while this node
-        # caught up through a snapshot (its certified result is still being fetched).
-        if self.driver.store.get_pending(request_id) is not None or self.driver.replica.executed_seq(request_id) is not None:
-            return self._pending_answer(request_id)
+        if self.driver.store.get_pending(request_id) is not None:
+            return self._pending_answer(request_id)  # accepted here, not final yet
+        if self.driver.replica.executed_seq(request_id) is not None:
+            # Executed in batches this node skipped (it caught up through a snapshot):
+            # fetch the certified result from a peer, check it, keep it.
+            fetched = await self.fetch_certified(request_id) if self.fetch_certified is not None else None
+            if fetched is None:
+                return self._pending_answer(request_id)
+            self.driver.adopt_result(fetched)
+            return result_payload(fetched)
         raise ApiError(ErrorCode.NotFound, f"request_id: no request {request_id!r} is known to {self.node_id}")
 
     def _pending_answer(self, request_id: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from typing import Any
 
 import pytest
@@ -189,3 +190,43 @@ def test_healthy_cluster_reports_every_agreeing_validator(make_cluster) -> None:
         assert result["status"] == "Valid"
         assert result["metrics"]["validator_nodes"] == 4, (result["leader"], result["metrics"])
         assert result["metrics"]["confidence_level"] == 1.0
+
+
+def test_a_node_that_caught_up_by_state_transfer_answers_for_requests_it_skipped(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """node-4 is down while 100 batches execute: it comes back through a snapshot, and
+    the first batches' results are older than what peers keep in memory (64 batches),
+    so the replicas' own result fetch cannot get them. It knew those requests were
+    executed but held no result, and answered Pending for them forever; now it fetches
+    the certified result from a peer's store, checks it and keeps it."""
+    running = make_cluster(4, common_args=["--checkpoint-interval", "16"])
+    running.cluster.stop_node("node-4")
+
+    async def load() -> list[str]:
+        ids = []
+        async with running.client() as client:
+            for _ in range(100):  # one at a time: one batch each
+                payload = running.factory.proofs()
+                await client.validate_proofs(payload, wait_s=30)
+                ids.append(payload["request_id"])
+        return ids
+
+    ids = asyncio.run(load())
+    running.cluster.start_node("node-4")
+    asyncio.run(running.cluster.wait_healthy(["node-4"], timeout_s=60))
+
+    async def caught_up() -> bool:
+        async with running.client() as client:
+            health = await client.call_node("node-4", "consensus/health")
+        return health["last_executed_seq"] >= 100
+
+    asyncio.run(wait_until(caught_up, 60, "node-4 to catch up"))
+    assert "state transfer" in running.cluster.log_tail("node-4", 200)
+
+    async def status_of_first() -> dict[str, Any]:
+        async with running.client() as client:
+            return await client.validation_status(ids[0], node_id="node-4")  # verified by the client
+
+    status = asyncio.run(status_of_first())
+    assert status["status"] == "Valid", status
+    with sqlite3.connect(running.cluster.nodes["node-4"].data_dir / "node.db") as db:  # kept, not fetched again
+        assert db.execute("SELECT COUNT(*) FROM results WHERE request_id = ?", (ids[0],)).fetchone()[0] == 1
