@@ -340,20 +340,23 @@ class PeerMesh:
         for node_id in self._links:
             self.send(node_id, data)
 
-    def peer_connected(self, sender: str) -> None:
-        """StoqServer hook: ``sender`` (verified certificate CN) opened a new link to us.
+    def peer_connected(self, sender: str, again: bool = False) -> None:
+        """StoqServer hook: ``sender`` (verified certificate CN) opened a new link to us;
+        ``again``: while its previous link to us still looked open.
 
         A peer that dials us again has usually restarted; our own link to it may still
         look up, but it talks to the old process: a container that was killed does not
         answer with an ICMP error, and a restarted one drops the unknown connection's
         packets, so that link stays silent until the QUIC idle timeout (30 s) — 30 s in
-        which nothing we send reaches the peer. Replace a link older than
-        ``relink_after_s``; a younger one was made for the same incarnation (both sides
-        dial each other at start-up), which also rules out a reconnect ping-pong."""
+        which nothing we send reaches the peer. Replace our link when the peer dialled
+        ``again`` (its old link to us never closed: the old process died), or when our
+        link is older than ``relink_after_s``. A younger one, after the peer's old link
+        had closed, was made for the same incarnation (both sides dial each other at
+        start-up), which also rules out a reconnect ping-pong."""
         link = self._links.get(sender)
         if link is None or link.protocol is None or link.stats.state != "up" or self._loop is None:
             return
-        if self._loop.time() - link.up_since < self.relink_after_s:
+        if not again and self._loop.time() - link.up_since < self.relink_after_s:
             return
         log.info("%s: %s dialled us again (restarted?): replacing our link to it", self.node_id, sender)
         self._stats.relinks += 1

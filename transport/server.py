@@ -35,6 +35,7 @@ from .quic import (
     ALPN_API,
     ALPN_PEER,
     CLOSE_FRAME_TOO_LARGE,
+    CLOSE_NO_ERROR,
     CLOSE_PROTOCOL_VIOLATION,
     CLOSE_SHUTTING_DOWN,
     CLOSE_UNAUTHORIZED,
@@ -203,6 +204,15 @@ class _ServerProtocol(CoalescingProtocol):
         # Stored only once the connection is authorized, bound to its identity.
         self._issued.append(ticket)
 
+    def connection_closing(self, event: Any) -> None:
+        # Closed by either side (aioquic reports ConnectionTerminated only after the
+        # draining period): a redial from now on is not a sign of a restart.
+        self._forget_peer_link()
+
+    def _forget_peer_link(self) -> None:
+        if self._identity is not None and self._server._peer_inbound.get(self._identity) is self:
+            del self._server._peer_inbound[self._identity]
+
     @property
     def alpn(self) -> str:
         return self._quic.tls.alpn_negotiated or ""
@@ -215,6 +225,7 @@ class _ServerProtocol(CoalescingProtocol):
         if isinstance(event, events.ConnectionTerminated):
             self._handshake_deadline.cancel()
             self._closed_flag = True
+            self._forget_peer_link()
             self._streams.clear()
             self._refused.clear()
             self._decoders.clear()
@@ -270,11 +281,19 @@ class _ServerProtocol(CoalescingProtocol):
             return self._reject(f"{identity!r} is not a validator of this cluster")
         self._identity = identity
         self._authorized = True
-        if alpn == ALPN_PEER and server.peer_connected is not None and identity is not None:
-            try:
-                server.peer_connected(identity)
-            except Exception:  # noqa: BLE001 - a consumer bug must not refuse the link
-                log.exception("peer_connected hook failed")
+        if alpn == ALPN_PEER and identity is not None:
+            # A validator dialling us while its previous link to us still looks open has
+            # restarted (a killed process sends no close): that old link is dead.
+            old = server._peer_inbound.get(identity)
+            again = old is not None and old is not self
+            server._peer_inbound[identity] = self
+            if again:
+                old.close(error_code=CLOSE_NO_ERROR, reason_phrase="replaced by a new link from the same validator")
+            if server.peer_connected is not None:
+                try:
+                    server.peer_connected(identity, again)
+                except Exception:  # noqa: BLE001 - a consumer bug must not refuse the link
+                    log.exception("peer_connected hook failed")
         for ticket in self._issued:
             server.tickets.add(ticket, alpn, identity)
         self._issued.clear()
@@ -485,7 +504,7 @@ class StoqServer:
         limits: Limits | None = None,
         *,
         peer_frame_handler: PeerFrameHandler | None = None,
-        peer_connected: Callable[[str], None] | None = None,
+        peer_connected: Callable[[str, bool], None] | None = None,
         peer_members: Collection[str] | None = None,
         ticket_store: SessionTicketStore | None = None,
     ) -> None:
@@ -495,7 +514,10 @@ class StoqServer:
         self.tls = tls
         self.limits = limits or Limits()
         self.peer_frame_handler = peer_frame_handler
-        self.peer_connected = peer_connected  # called with the peer's name when a peer link is accepted
+        # called with (the peer's name, whether it replaced an open link of that peer)
+        # when a peer link is accepted
+        self.peer_connected = peer_connected
+        self._peer_inbound: dict[str, _ServerProtocol] = {}  # validator -> its live inbound link
         # Certificate names allowed to open peer links (None: any the cluster CA signed).
         self.peer_members = frozenset(peer_members) if peer_members is not None else None
         self.tickets = ticket_store if ticket_store is not None else SessionTicketStore()

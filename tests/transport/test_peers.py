@@ -32,7 +32,7 @@ class Node:
     async def start_server(self, limits: Limits | None = None, members: set[str] | None = None) -> None:
         self.server = StoqServer(HOST, self.port, HandlerRegistry(), self.tls, limits,
                                  peer_frame_handler=lambda sender, data: self._deliver(sender, data),
-                                 peer_connected=lambda sender: self.mesh.peer_connected(sender) if self.mesh else None,
+                                 peer_connected=lambda sender, again: self.mesh.peer_connected(sender, again) if self.mesh else None,
                                  peer_members=members)
         await self.server.start()
         self.port = self.server.port
@@ -276,6 +276,30 @@ def test_a_peer_that_dials_again_gets_a_fresh_link_from_us(pki: Pki) -> None:
             b.mesh.send("node-0", b"both ways")  # type: ignore[union-attr]
             assert await wait_until(lambda: b.got("node-0", b"still flows") and a.got("node-1", b"both ways"), 10.0)
         finally:
+            for node in nodes:
+                await node.stop()
+
+    run(body(), timeout_s=30)
+
+
+def test_a_peer_restarted_twice_in_quick_succession_gets_a_fresh_link_at_once(pki: Pki) -> None:
+    """A killed process sends no close, so its link to us stays open. When a new process
+    with its name dials us while that link is open, it restarted: our link to it is
+    replaced even if it is young (a node killed twice within relink_after_s left its
+    peers talking to the dead process until the 30 s idle timeout)."""
+    async def body() -> None:
+        nodes = await _cluster(pki, 2, relink_after_s=60.0)  # the age rule alone would never relink
+        a, b = nodes
+        again = Node("node-1", pki.tls("node-1"))  # a new process for node-1, old one still "running"
+        try:
+            assert await _all_connected(nodes)
+            await again.start_mesh({"node-0": PeerAddress(HOST, a.port, "node-0")}, backoff_s=0.02, max_backoff_s=0.2)
+            assert await wait_until(lambda: a.mesh.stats().relinks == 1  # type: ignore[union-attr]
+                                    and a.mesh.stats().peers["node-1"].connects == 2, 10.0)  # type: ignore[union-attr]
+            # The old process's link to node-0 was closed by node-0 (it is dead, as far as node-0 knows).
+            assert await wait_until(lambda: b.mesh.stats().peers["node-0"].connects >= 2, 10.0)  # type: ignore[union-attr]
+        finally:
+            await again.stop()
             for node in nodes:
                 await node.stop()
 
