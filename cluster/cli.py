@@ -285,13 +285,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         evidence = sum((row.get("evidence") or {}).values())
         leader = row.get("leader", "?") + (" *" if row.get("is_leader") else "")
+        target = (row.get("replica") or {}).get("view_change_target")
+        view = f"{row.get('view', '?')}->{target}" if target else row.get("view", "?")
         print(
-            f"{row['node_id']:<10} {row['endpoint']:<22} {'healthy':<12} {row.get('view', '?'):>5} {leader:<10} "
+            f"{row['node_id']:<10} {row['endpoint']:<22} {'healthy':<12} {view:>5} {leader:<10} "
             f"{row.get('last_executed_seq', '?'):>9} {row.get('stable_checkpoint_seq', '?'):>10} "
             f"{row.get('results_stored', '?'):>8} {evidence:>8}"
         )
     reachable = sum(1 for r in rows if r.get("reachable"))
-    print(f"\n{reachable}/{len(rows)} nodes reachable  (* = this node believes it leads)")
+    print(f"\n{reachable}/{len(rows)} nodes reachable  (* = this node believes it leads; view->t: in a view change to t)")
+    from .manifest import load_manifest
+
+    manifest = load_manifest(Path(args.cluster))
+    if len(rows) == manifest.n and reachable < 2 * manifest.f + 1:
+        print(f"NO QUORUM: the cluster needs {2 * manifest.f + 1} of its {manifest.n} validators to order requests; "
+              "requests accepted meanwhile stay Pending")
     return 0 if reachable == len(rows) else 1
 
 

@@ -272,6 +272,11 @@ class Replica:
     def in_view_change(self) -> bool:
         return self._in_view_change
 
+    @property
+    def view_change_target(self) -> int | None:
+        """The view this replica asked for, while it is in a view change."""
+        return self._vc_target if self._in_view_change else None
+
     def executed_seq(self, request_id: str) -> int | None:
         """The batch that executed this request, if this replica knows it was executed
         (itself, or through a snapshot whose results it may still be fetching)."""
@@ -284,7 +289,7 @@ class Replica:
             "leader": self.leader,
             "is_leader": self.is_leader,
             "in_view_change": self._in_view_change,
-            "view_change_target": self._vc_target if self._in_view_change else None,
+            "view_change_target": self.view_change_target,
             "last_executed_seq": self._last_executed,
             "stable_checkpoint_seq": self._stable.seq,
             "low_watermark": self._stable.seq,

@@ -23,6 +23,10 @@ class NodeMetrics:
         self.stable_checkpoint = Gauge("hypermesh_consensus_stable_checkpoint_seq", "Last stable checkpoint", registry=r)
         self.batches = Counter("hypermesh_consensus_batches", "Batches committed and executed", registry=r)
         self.batch_size = Histogram("hypermesh_consensus_batch_size", "Requests per committed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.view_change_target = Gauge(
+            "hypermesh_consensus_view_change_target",
+            "The view this node is trying to move to; 0 when it is not in a view change. Non-zero for long "
+            "while the others work in a lower view: this node sits out until they reach it", registry=r)
         self.view_changes = Counter("hypermesh_consensus_view_changes", "View changes installed", registry=r)
         self.state_transfers = Counter("hypermesh_consensus_state_transfers", "Checkpoints installed by state transfer", registry=r)
         self.evidence = Counter("hypermesh_byzantine_evidence", "Byzantine evidence recorded, by accused node and kind", ["accused", "kind"], registry=r)

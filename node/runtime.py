@@ -377,6 +377,7 @@ class ReplicaDriver:
     def _update_gauges(self) -> None:
         replica = self.replica
         self.metrics.view.set(replica.view)
+        self.metrics.view_change_target.set(replica.view_change_target or 0)
         self.metrics.is_leader.set(1 if replica.is_leader else 0)
         self.metrics.last_executed.set(replica.last_executed_seq)
         self.metrics.stable_checkpoint.set(replica.stable_checkpoint_seq)

@@ -245,3 +245,26 @@ def test_client_certificate_comes_from_the_cluster_directory_or_the_flag(
 
     assert main(["health", "--cluster", str(directory), "--client-cert", str(tmp_path / "none")]) == 2
     assert "--client-cert" in capsys.readouterr().err
+
+
+def test_status_shows_a_view_change_and_a_lost_quorum(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [
+        {"node_id": "node-1", "endpoint": "[::1]:1", "reachable": True, "view": 1, "leader": "node-2",
+         "replica": {"view_change_target": 10}, "last_executed_seq": 7, "stable_checkpoint_seq": 0},
+        {"node_id": "node-2", "endpoint": "[::1]:2", "reachable": True, "view": 2, "leader": "node-3",
+         "replica": {"view_change_target": None}, "last_executed_seq": 9, "stable_checkpoint_seq": 0},
+        {"node_id": "node-3", "endpoint": "[::1]:3", "reachable": False, "error": "TransportError: down"},
+        {"node_id": "node-4", "endpoint": "[::1]:4", "reachable": False, "error": "TransportError: down"},
+    ]
+
+    async def status(_client: Any) -> list[dict[str, Any]]:
+        return rows
+
+    monkeypatch.setattr(ClusterClient, "status", status)
+    assert main(["status", "--cluster", str(manifest.directory)]) == 1
+    out = capsys.readouterr().out
+    assert " 1->10 " in out and "NO QUORUM: the cluster needs 3 of its 4 validators" in out
+    rows[2] = dict(rows[1], node_id="node-3")
+    assert main(["status", "--cluster", str(manifest.directory)]) == 1  # one still unreachable
+    assert "NO QUORUM" not in capsys.readouterr().out
