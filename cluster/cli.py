@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import os
 import signal
 import sys
@@ -498,6 +499,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # aioquic logs a failed handshake itself ("[cid] Error: 298, ..."); the command
+    # reports it once, as an error with a hint.
+    logging.getLogger("quic").setLevel(logging.CRITICAL)
     return run_command(build_parser().parse_args(argv))
 
 

@@ -53,7 +53,10 @@ def termination_error(event: events.ConnectionTerminated) -> ApiError:
     if event.frame_type is None and event.error_code == CLOSE_UNAUTHORIZED:
         return ApiError(ErrorCode.Unauthorized, f"connection rejected: {reason}")
     if event.frame_type is not None and 0x100 <= event.error_code <= 0x1FF:
-        return ApiError(ErrorCode.Unauthorized, f"TLS handshake failed: {reason}")
+        hint = ""
+        if "issuer" in reason or "self-signed" in reason or "self signed" in reason:
+            hint = " (the server's certificate is not from the CA this client trusts: another cluster's directory?)"
+        return ApiError(ErrorCode.Unauthorized, f"TLS handshake failed: {reason}{hint}")
     if event.frame_type is not None and event.error_code == QuicErrorCode.CONNECTION_REFUSED:
         return ApiError(ErrorCode.TransportError, "connection refused by the server (overloaded or stopping)")
     return ApiError(ErrorCode.TransportError, f"connection closed (code {event.error_code:#x}): {reason}")
