@@ -211,6 +211,8 @@ async def serve(args: argparse.Namespace) -> int:
         raise OSError(exc.errno, f"STOQ port (UDP) [{args.bind}]:{port}: {exc.strerror}") from None
     mesh_holder["mesh"] = mesh
     await mesh.start()
+    metrics.peer_links_up.set_function(lambda: len(mesh.connected_peers()))
+    metrics.peer_links_needed.set(2 * manifest.f)
     await driver.start()
     repair.start()
     if args.metrics_port:

@@ -32,6 +32,11 @@ class NodeMetrics:
         self.evidence = Counter("hypermesh_byzantine_evidence", "Byzantine evidence recorded, by accused node and kind", ["accused", "kind"], registry=r)
         self.confidence = Histogram("hypermesh_result_confidence", "confidence_level of the results this node answered to clients (after the vote-grace wait)", buckets=(0.25, 0.5, 0.67, 0.75, 0.8, 0.9, 1.0), registry=r)
         self.loop_lag = Histogram("hypermesh_event_loop_lag_seconds", "How late the node's event loop woke for its periodic tick: time it spent busy or blocked while timers were due (a stall delays every client and peer)", buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.peer_links_up = Gauge("hypermesh_peer_links_up", "Outbound links to other validators that are up", registry=r)
+        self.peer_links_needed = Gauge(
+            "hypermesh_peer_links_needed",
+            "Peers this node must reach to form a quorum with itself (2f); fewer up: nothing is ordered through it",
+            registry=r)
         self.peer_frames_in = Counter("hypermesh_peer_frames_received", "Consensus frames received from peers", registry=r)
 
 

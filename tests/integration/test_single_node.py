@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,14 @@ def test_single_node_validates_every_kind_of_request(server) -> None:  # type: i
     assert samples['hypermesh_errors_total{code="NotFound"}'] >= 1
     assert samples['hypermesh_validation_latency_seconds_count{kind="proofs"}'] >= 1
     assert samples["hypermesh_event_loop_lag_seconds_count"] >= 1  # the tick observes it
+    assert samples["hypermesh_peer_links_needed"] == 0 and samples["hypermesh_peer_links_up"] == 0  # n = 1, f = 0
+    # Every metric an alert uses exists (a renamed metric would silence its alert).
+    def family(name: str) -> str:
+        return re.sub(r"_(total|bucket|count|sum)$", "", name)
+
+    families = {family(line.split()[2]) for line in text.splitlines() if line.startswith("# TYPE ")}
+    used = {family(name) for name in re.findall(r"\bhypermesh_[a-z_]+", (ROOT / "ops" / "alerts.yml").read_text())}
+    assert used and used <= families, sorted(used - families)
 
 
 def test_results_survive_kill_9_and_restart(server) -> None:  # type: ignore[no-untyped-def]
