@@ -239,6 +239,9 @@ def cmd_call(args: argparse.Namespace) -> int:
     from .client import FINAL_STATUSES, UnverifiedResult
 
     payload = load_payload(args.payload, args.payload_file)
+    if args.path in VALIDATE_PATHS and payload is None:
+        raise CliError(f"{args.path} needs a payload: --payload-file FILE (make one with 'hypermesh proofs make"
+                       f"{' --kind certificate' if args.path.endswith('certificate') else ''}') or --payload JSON")
     request_id = payload.get("request_id") if isinstance(payload, dict) else None
     if args.path == STATUS_PATH and not isinstance(request_id, str):
         raise CliError('consensus/validation_status needs a payload {"request_id": "..."}')
@@ -506,4 +509,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m cluster.cli`: run the imported module, not this __main__ copy, so the
+    # CliError that cluster.proofs_cli raises is the one run_command catches.
+    from cluster.cli import main as imported_main
+
+    sys.exit(imported_main())

@@ -228,7 +228,10 @@ class ClusterClient:
         try:
             request_digest = parse_request(kind, payload).digest
         except DecodeError as exc:  # the node answers InvalidRequest naming the field
-            raise ApiError(ErrorCode.InvalidRequest, f"{exc.field}: {exc.message}") from None
+            hint = ""
+            if kind == "proofs" and exc.field == "common_name":
+                hint = " (a certificate request: send it to consensus/validate_certificate)"
+            raise ApiError(ErrorCode.InvalidRequest, f"{exc.field}: {exc.message}{hint}") from None
         # Keyed by content too: a different request reusing an id must not get this result.
         cache_key = (request_id, request_digest) if isinstance(request_id, str) else None
         if self._results is not None and cache_key in self._results:

@@ -22,6 +22,7 @@ from consensus.codec import DecodeError
 from consensus.crypto import kem_scheme
 from consensus.proofs.params import ValidationParams
 from consensus.prover import FAULTS, HolderKeys, StorageCommitment, make_certificate_request, make_proof_set
+from consensus.requests import REQUEST_ID_RE
 
 from .cli import CliError, read_file, run_command, to_json
 
@@ -96,6 +97,13 @@ def _load_holder(path: str | None, scheme: str) -> HolderKeys:
                           base64.b64decode(data["private_key"], validate=True))
     except (ValueError, TypeError, KeyError) as exc:  # JSON, base64, a missing or mistyped field
         raise CliError(f"--key {path}: not a holder key file from 'hypermesh proofs keygen' ({exc!r})") from None
+
+
+def _request_id(value: str) -> str:
+    """``--request-id`` (an argparse type): the id the cluster would refuse is refused here."""
+    if not REQUEST_ID_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r}: must be 1..128 characters of [A-Za-z0-9._:-]")
+    return value
 
 
 def _parse_broken(value: str) -> tuple[str, str]:
@@ -182,7 +190,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 
     make = sub.add_parser("make", help="build a proofs or certificate request payload", epilog=MAKE_EPILOG,
                           formatter_class=fmt, description="Build a request payload a client sends to the cluster.")
-    make.add_argument("--request-id", default=None,
+    make.add_argument("--request-id", default=None, type=_request_id,
                       help="1..128 characters of [A-Za-z0-9._:-]; every proof is bound to it (default: a fresh req-<random>)")
     make.add_argument("--kind", choices=("proofs", "certificate"), default="proofs",
                       help="proofs -> consensus/validate_proofs; certificate -> consensus/validate_certificate "

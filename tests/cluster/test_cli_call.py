@@ -3,6 +3,7 @@ network replaced by a fake that records which route every call took."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -268,3 +269,29 @@ def test_status_shows_a_view_change_and_a_lost_quorum(
     rows[2] = dict(rows[1], node_id="node-3")
     assert main(["status", "--cluster", str(manifest.directory)]) == 1  # one still unreachable
     assert "NO QUORUM" not in capsys.readouterr().out
+
+
+def test_cli_mistakes_get_one_line_and_exit_2(manifest: Manifest, capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+    import sys
+
+    cluster = str(manifest.directory)
+    assert main(["call", "consensus/validate_proofs", "--cluster", cluster]) == 2
+    assert "needs a payload" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["proofs", "make", "--request-id", "bad id!", "--manifest", f"{cluster}/manifest.json"])
+    assert usage.value.code == 2 and "[A-Za-z0-9._:-]" in capsys.readouterr().err
+    # Run as `python -m cluster.cli` too: an error raised in another module of the
+    # package was once not caught there (two copies of CliError) and printed a traceback.
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "proofs", "make", "--kind", "certificate",
+                          "--manifest", f"{cluster}/manifest.json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "hypermesh: --kind certificate needs --common-name" in out.stderr
+
+
+def test_a_certificate_request_sent_to_validate_proofs_gets_a_hint(manifest: Manifest) -> None:
+    from transport.envelope import ApiError
+
+    payload = ProofFactory(manifest.validation_params()).certificate()
+    with pytest.raises(ApiError, match="send it to consensus/validate_certificate"):
+        asyncio.run(ClusterClient(manifest).validate_proofs(payload))
