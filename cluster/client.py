@@ -30,7 +30,15 @@ from .manifest import Manifest, NodeEntry, load_manifest
 FINAL_STATUSES = ("Valid", "Invalid", "Error")
 SHARED_SERVER_NAME = "consensus"  # in every node certificate (hypermesh cluster init --extra-dns)
 # Errors worth trying on another node: the node is down, busy, or cut off.
-CONNECT_TIMEOUT_S = 2.0  # per node, when the client has other nodes to try
+CONNECT_TIMEOUT_S = 3.0  # per node, when the client has other nodes to try
+
+
+class _Unreachable(Exception):
+    """No node of the pass could be reached (every one failed to connect)."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
 FAILOVER_CODES = {ErrorCode.TransportError, ErrorCode.Timeout, ErrorCode.Overloaded, ErrorCode.RateLimited}
 
 
@@ -131,29 +139,36 @@ class ClusterClient:
         When no node could even be reached, try them all again (``retries`` more
         passes, backing off): a restarting cluster comes back."""
         passes = 1 + (self.retries if len(self.endpoints) > 1 else 0)
+        budget = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget  # no new pass starts after it
         delay = 0.2
         for attempt in range(passes):
             try:
                 return await self._one_pass(path, payload, timeout_s)
-            except ApiError as exc:
-                if exc.code != ErrorCode.TransportError or attempt == passes - 1:
-                    raise
+            except _Unreachable as exc:
+                if attempt == passes - 1 or time.monotonic() + delay >= deadline:
+                    raise exc.error from None
             await asyncio.sleep(delay * (1 + random.random() * 0.25))
             delay *= 2
         raise AssertionError("unreachable: the last pass raises")
 
     async def _one_pass(self, path: str, payload: Any, timeout_s: float | None) -> Any:
+        """Each node in turn. Raises _Unreachable when no node could even be reached
+        (a refused or unanswered handshake), so the caller may try them all again."""
         last: ApiError | None = None
+        reached = False
         for entry in self._ordered_endpoints():
             try:
                 response = await self._client_for(entry).call_full(path, payload, timeout_s=timeout_s)
             except ApiError as exc:
                 if exc.code in FAILOVER_CODES:
-                    last = exc
+                    reached = reached or exc.code != ErrorCode.TransportError
+                    last = exc if last is None or exc.code != ErrorCode.TransportError else last
                     if self.leader == entry.node_id:
                         self.leader = None
                     continue
                 raise
+            reached = True
             self._note_leader(response.metadata)
             if response.ok:
                 return response.payload
@@ -161,7 +176,10 @@ class ClusterClient:
                 last = response.error
                 continue
             raise response.error or ApiError(ErrorCode.HandlerError, "error response without an error")
-        raise last or ApiError(ErrorCode.TransportError, "no endpoints configured")
+        error = last or ApiError(ErrorCode.TransportError, "no endpoints configured")
+        if not reached and error.code == ErrorCode.TransportError:
+            raise _Unreachable(error)
+        raise error
 
     def _note_leader(self, metadata: dict[str, str] | None) -> None:
         if metadata and metadata.get("leader") and any(e.node_id == metadata["leader"] for e in self.endpoints):
@@ -263,6 +281,7 @@ class ClusterClient:
                 node_id, "consensus/validation_status", {"request_id": request_id}))
         pending: dict[str, Any] | None = None
         error: ApiError | None = None
+        forged: UnverifiedResult | None = None
         for entry in self._ordered_endpoints():
             try:
                 result = await self.call_node(entry.node_id, "consensus/validation_status", {"request_id": request_id})
@@ -273,10 +292,16 @@ class ClusterClient:
                     error = exc  # NotFound says more than a node that could not be reached
                 continue
             if isinstance(result, dict) and result.get("status") in FINAL_STATUSES:
-                return self._checked_status(request_id, result)
+                try:
+                    return self._checked_status(request_id, result)
+                except UnverifiedResult as exc:
+                    forged = forged or exc  # one lying node must not hide the others' answer
+                    continue
             pending = pending or result
         if pending is not None:
             return pending
+        if forged is not None:
+            raise forged
         raise error or ApiError(ErrorCode.TransportError, "no endpoints configured")
 
     def _checked_status(self, request_id: str, result: Any) -> Any:

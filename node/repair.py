@@ -97,15 +97,20 @@ class ResultRepair:
             log.info("adopted %d certified results from peers for requests accepted here", adopted)
         return adopted
 
-    async def fetch_certified(self, request_id: str) -> StoredResult | None:
-        """A certified result for ``request_id`` from the first peer that has one (the
-        certificate checked against the manifest), or None. For requests this node
-        knows were executed but holds no result of (it skipped their batches)."""
+    async def fetch_certified(self, request_id: str, seq: int) -> StoredResult | None:
+        """A certified result for ``request_id`` executed at ``seq`` from the first peer
+        that has one (the certificate checked against the manifest, and its seq), or
+        None. For requests this node knows were executed but holds no result of. Peers
+        are asked to answer from their own store only (``local``)."""
         for entry in self.manifest.nodes:
             if entry.node_id == self.node_id:
                 continue
             try:
-                stored = await self._fetch(entry, request_id, None)
+                stored = await self._fetch(entry, request_id, None, local=True)
+                if stored is not None and stored.seq != seq:
+                    log.warning("%s sent a result of seq %d for %s, executed here at %d", entry.node_id,
+                                stored.seq, request_id, seq)
+                    stored = None
             except Exception as exc:  # one peer's odd answer must not stop the others' turn
                 log.warning("%s: unusable answer about %s (%s)", entry.node_id, request_id, exc)
                 continue
@@ -114,11 +119,13 @@ class ResultRepair:
                 return stored
         return None
 
-    async def _fetch(self, entry: Any, request_id: str, request_digest: bytes | None) -> StoredResult | None:
+    async def _fetch(self, entry: Any, request_id: str, request_digest: bytes | None,
+                     local: bool = False) -> StoredResult | None:
         """``request_digest`` None: any request certified under this id (the cluster
         executes one request per id, and the certificate proves which)."""
         try:
-            answer = await self._client(entry).call("consensus/validation_status", {"request_id": request_id})
+            query: dict[str, Any] = {"request_id": request_id, "local": True} if local else {"request_id": request_id}
+            answer = await self._client(entry).call("consensus/validation_status", query)
         except ApiError:
             return None
         if not isinstance(answer, dict) or answer.get("status") not in ("Valid", "Invalid", "Error"):

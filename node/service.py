@@ -79,7 +79,7 @@ class ValidationService:
         cache: ResultCache | None,
         peer_stats: Any = None,
         tracer: Any = None,
-        fetch_certified: Callable[[str], Awaitable[StoredResult | None]] | None = None,
+        fetch_certified: Callable[[str, int], Awaitable[StoredResult | None]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -90,6 +90,7 @@ class ValidationService:
         self.peer_stats = peer_stats
         self.tracer = tracer or trace.NoOpTracer()
         self.fetch_certified = fetch_certified  # ResultRepair.fetch_certified
+        self._fetching: dict[str, asyncio.Future[StoredResult | None]] = {}
         self.started = time.time()
         self.in_flight = 0
         self._short_results = 0  # consecutive results whose grace ran out before all n votes came
@@ -219,15 +220,28 @@ class ValidationService:
             return result_payload(stored)
         if self.driver.store.get_pending(request_id) is not None:
             return self._pending_answer(request_id)  # accepted here, not final yet
-        if self.driver.replica.executed_seq(request_id) is not None:
-            # Executed in batches this node skipped (it caught up through a snapshot):
-            # fetch the certified result from a peer, check it, keep it.
-            fetched = await self.fetch_certified(request_id) if self.fetch_certified is not None else None
+        seq = self.driver.replica.executed_seq(request_id)
+        if seq is not None:
+            # Executed, no result here: a batch this node skipped (it caught up through a
+            # snapshot), or one whose votes are still arriving. Ask the peers (never when
+            # a peer asks us: two nodes in this state would ask each other without end).
+            if payload.get("local") is True or self.fetch_certified is None:
+                return self._pending_answer(request_id)
+            fetched = await self._fetch_once(request_id, seq)
             if fetched is None:
                 return self._pending_answer(request_id)
             self.driver.adopt_result(fetched)
             return result_payload(fetched)
         raise ApiError(ErrorCode.NotFound, f"request_id: no request {request_id!r} is known to {self.node_id}")
+
+    async def _fetch_once(self, request_id: str, seq: int) -> StoredResult | None:
+        """One fetch per request id at a time: concurrent askers share it."""
+        running = self._fetching.get(request_id)
+        if running is None:
+            assert self.fetch_certified is not None
+            running = self._fetching[request_id] = asyncio.ensure_future(self.fetch_certified(request_id, seq))
+            running.add_done_callback(lambda _f: self._fetching.pop(request_id, None))
+        return await asyncio.shield(running)
 
     def _pending_answer(self, request_id: str) -> dict[str, Any]:
         return {"request_id": request_id, "status": "Pending", "leader": self.driver.replica.leader}

@@ -32,6 +32,9 @@ log = logging.getLogger("transport.peers")
 LinkState = Literal["connecting", "up", "down"]
 
 
+RESTART_RELINK_MIN_AGE_S = 1.0  # see PeerMesh.peer_connected
+
+
 @dataclass(slots=True, frozen=True)
 class PeerAddress:
     host: str
@@ -349,14 +352,17 @@ class PeerMesh:
         answer with an ICMP error, and a restarted one drops the unknown connection's
         packets, so that link stays silent until the QUIC idle timeout (30 s) — 30 s in
         which nothing we send reaches the peer. Replace our link when the peer dialled
-        ``again`` (its old link to us never closed: the old process died), or when our
-        link is older than ``relink_after_s``. A younger one, after the peer's old link
+        ``again`` (its old link to us never closed: the old process died) and our link
+        is at least RESTART_RELINK_MIN_AGE_S old, or when it is older than ``relink_after_s``. A younger one, after the peer's old link
         had closed, was made for the same incarnation (both sides dial each other at
         start-up), which also rules out a reconnect ping-pong."""
         link = self._links.get(sender)
         if link is None or link.protocol is None or link.stats.state != "up" or self._loop is None:
             return
-        if not again and self._loop.time() - link.up_since < self.relink_after_s:
+        age = self._loop.time() - link.up_since
+        # Even a restart signal waits RESTART_RELINK_MIN_AGE_S: while close frames get
+        # lost, a peer re-dialling over and over must not make us re-dial as often.
+        if age < (RESTART_RELINK_MIN_AGE_S if again else self.relink_after_s):
             return
         log.info("%s: %s dialled us again (restarted?): replacing our link to it", self.node_id, sender)
         self._stats.relinks += 1

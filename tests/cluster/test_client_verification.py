@@ -132,3 +132,21 @@ def test_the_result_cache_tells_different_requests_with_one_id_apart(manifest: M
     a, b, again = asyncio.run(three_calls())
     assert a["request_digest"] == digests[0] and b["request_digest"] == digests[1]
     assert again is a and len(sent) == 2  # the same request again still comes from the cache
+
+
+def test_one_node_answering_a_forged_result_does_not_hide_the_others(manifest: Manifest,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    client = ClusterClient(manifest)
+    forged = certified_reply(manifest, "req-1")
+    forged["certificate"]["signatures"] = forged["certificate"]["signatures"][:1]  # short of a quorum
+    answers = {"node-1": forged, "node-2": certified_reply(manifest, "req-1")}
+
+    async def fake_call_node(node_id: str, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+        return answers.get(node_id, {"request_id": "req-1", "status": "Pending"})
+
+    monkeypatch.setattr(client, "call_node", fake_call_node)
+    assert asyncio.run(client.validation_status("req-1"))["status"] == "Valid"
+    answers["node-2"] = forged  # nobody else has a verifiable one: the forgery is reported
+    answers["node-3"] = answers["node-4"] = forged
+    with pytest.raises(UnverifiedResult):
+        asyncio.run(client.validation_status("req-1"))
