@@ -1162,8 +1162,10 @@ class Replica:
             if mine is None:
                 continue
             if br.final_count > 0:
+                if len(br.votes) >= self.keyring.n or br.retries >= LATE_VOTE_PROBES or not mine[2]:
+                    continue  # every vote is in, or we asked enough: nothing to do each tick
                 missing = [n for n in self.keyring.node_ids if n not in br.votes]
-                if missing and br.retries < LATE_VOTE_PROBES and mine[2]:
+                if missing:
                     br.retries += 1
                     br.retry_at_ms = now + self._retry_delay() * (2 ** br.retries)
                     self._out.extend(Send(mine[2], n) for n in missing)

@@ -79,53 +79,52 @@ class ResultRepair:
                 log.exception("result repair round failed")
 
     async def repair_once(self) -> int:
-        peers = [e for e in self.manifest.nodes if e.node_id != self.node_id]
         adopted = 0
         for pending in self.store.list_pending(older_than_s=self.min_age_s, limit=self.per_round):
-            for entry in peers:
-                try:
-                    stored = await self._fetch(entry, pending.request_id, pending.request_digest)
-                except Exception as exc:  # one peer's odd answer must not stop the others' turn
-                    log.warning("%s: unusable answer about %s (%s)", entry.node_id, pending.request_id, exc)
-                    continue
-                if stored is not None and self.store.get_pending(pending.request_id) is not None:
-                    self.adopt(stored)
-                    adopted += 1
-                    break
+            stored = await self._from_peers(pending.request_id, pending.request_digest)
+            if stored is not None and self.store.get_pending(pending.request_id) is not None:
+                self.adopt(stored)
+                adopted += 1
         if adopted:
             self.repaired += adopted
             log.info("adopted %d certified results from peers for requests accepted here", adopted)
         return adopted
 
     async def fetch_certified(self, request_id: str, seq: int) -> StoredResult | None:
-        """A certified result for ``request_id`` executed at ``seq`` from the first peer
-        that has one (the certificate checked against the manifest, and its seq), or
-        None. For requests this node knows were executed but holds no result of. Peers
-        are asked to answer from their own store only (``local``)."""
+        """A certified result for ``request_id`` executed at ``seq``, or None. For
+        requests this node knows were executed but holds no result of."""
+        stored = await self._from_peers(request_id, None, seq)
+        if stored is not None:
+            self.repaired += 1
+        return stored
+
+    async def _from_peers(self, request_id: str, request_digest: bytes | None,
+                          seq: int | None = None) -> StoredResult | None:
+        """The first peer's certified result (certificate checked against the manifest,
+        and the request digest or seq when given), or None."""
         for entry in self.manifest.nodes:
             if entry.node_id == self.node_id:
                 continue
             try:
-                stored = await self._fetch(entry, request_id, None, local=True)
-                if stored is not None and stored.seq != seq:
-                    log.warning("%s sent a result of seq %d for %s, executed here at %d", entry.node_id,
-                                stored.seq, request_id, seq)
-                    stored = None
+                stored = await self._fetch(entry, request_id, request_digest)
             except Exception as exc:  # one peer's odd answer must not stop the others' turn
                 log.warning("%s: unusable answer about %s (%s)", entry.node_id, request_id, exc)
                 continue
+            if stored is not None and seq is not None and stored.seq != seq:
+                log.warning("%s sent a result of seq %d for %s, executed here at %d", entry.node_id,
+                            stored.seq, request_id, seq)
+                continue
             if stored is not None:
-                self.repaired += 1
                 return stored
         return None
 
-    async def _fetch(self, entry: Any, request_id: str, request_digest: bytes | None,
-                     local: bool = False) -> StoredResult | None:
+    async def _fetch(self, entry: Any, request_id: str, request_digest: bytes | None) -> StoredResult | None:
         """``request_digest`` None: any request certified under this id (the cluster
-        executes one request per id, and the certificate proves which)."""
+        executes one request per id, and the certificate proves which). The peer is
+        asked to answer from its own store only (``local``): it never asks onwards."""
         try:
-            query: dict[str, Any] = {"request_id": request_id, "local": True} if local else {"request_id": request_id}
-            answer = await self._client(entry).call("consensus/validation_status", query)
+            answer = await self._client(entry).call("consensus/validation_status",
+                                                    {"request_id": request_id, "local": True})
         except ApiError:
             return None
         if not isinstance(answer, dict) or answer.get("status") not in ("Valid", "Invalid", "Error"):
