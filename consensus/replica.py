@@ -181,6 +181,7 @@ class Replica:
         self._vc_target = 0
         self._vc_attempts = 0
         self._vc_deadline = 0
+        self._vc_quorum_at: int | None = None  # when 2f+1 first asked for _vc_target
         self._view_changes: dict[int, dict[str, Message]] = {}
         self._new_view_wire: bytes | None = None
         self._sent_new_view: set[int] = set()
@@ -416,7 +417,7 @@ class Replica:
             self._propose(now_ms)
         self._check_request_timers(now_ms)
         if self._in_view_change and now_ms >= self._vc_deadline:
-            self._start_view_change(self._vc_target + 1)
+            self._view_change_timer_expired()
         if self.keyring.n > 1:  # a lone validator has no one to catch up from or re-send to
             self._maybe_fetch(now_ms)
             self._retry_result_votes(now_ms)
@@ -1640,6 +1641,7 @@ class Replica:
         self._vc_attempts += 1
         factor = min(2 ** (self._vc_attempts - 1), VIEW_CHANGE_BACKOFF_CAP)
         self._vc_deadline = self._now + self.config.view_change_timeout_ms * factor
+        self._vc_quorum_at = None
         self._count("view_changes_started")
         prepared = tuple(self._slots[s].prepared_cert for s in sorted(self._slots)
                          if s > self._stable.seq and self._slots[s].prepared_cert is not None)
@@ -1647,19 +1649,48 @@ class Replica:
         wire = self._wire(vc)
         self._out.append(Persist((("view", canonical_pack([self._view, target])),)))
         self._out.append(Send(wire))
-        self._view_changes.setdefault(target, {})[self.node_id] = decode(wire)
+        asked = self._view_changes.setdefault(target, {})
+        asked[self.node_id] = decode(wire)
+        if len(asked) >= self.keyring.quorum:
+            self._vc_quorum_at = self._now
         self._try_new_view(target)
+
+    def _view_change_timer_expired(self) -> None:
+        """PBFT's rule: move on to the next view only once 2f+1 validators asked for this
+        one and its leader still sent no new-view. Without that quorum, ask again (our
+        view-change may have been lost on a broken link): a replica cut off from the others
+        then waits at view+1, the view they come to next, instead of racing ahead to views
+        they never reach and staying out of the cluster until they do."""
+        asked = self._view_changes.get(self._vc_target, {})
+        wait = self.config.view_change_timeout_ms * min(2 ** (self._vc_attempts - 1), VIEW_CHANGE_BACKOFF_CAP)
+        if self._vc_quorum_at is not None and self._now >= self._vc_quorum_at + wait:
+            self._start_view_change(self._vc_target + 1)
+            return
+        # Re-sent even with a quorum in hand: the new leader may have missed ours.
+        self._vc_deadline = self._now + wait if self._vc_quorum_at is None else self._vc_quorum_at + wait
+        own = asked.get(self.node_id)
+        if own is not None:
+            self._count("view_changes_resent")
+            self._out.append(Send(own.raw))
 
     def _on_view_change(self, msg: Message, sender: str) -> None:
         vc: ViewChange = msg.payload  # type: ignore[assignment]
         if vc.new_view <= self._view or vc.new_view > self._view + MAX_VIEW_LEAP:
             return
+        own = self._view_changes.get(vc.new_view, {}).get(self.node_id)
+        if own is not None and self._in_view_change and vc.new_view < self._vc_target:
+            # The sender still asks for a view we saw a quorum for and left: it may have
+            # lost our view-change, and without it can never time out of that view.
+            self._out.append(Send(own.raw, sender))
         if sender in self._view_changes.get(vc.new_view, {}):
             return
         if not verify_view_change(self.keyring, self._cid, vc, self.config.log_size):
             self._count("invalid_view_change")
             return
-        self._view_changes.setdefault(vc.new_view, {})[sender] = msg
+        asked = self._view_changes.setdefault(vc.new_view, {})
+        asked[sender] = msg
+        if self._in_view_change and vc.new_view == self._vc_target and len(asked) == self.keyring.quorum:
+            self._vc_quorum_at = self._now  # PBFT's timer for the new leader starts now
         # Join rule: f+1 validators want a higher view, so at least one honest one does.
         current = self._vc_target if self._in_view_change else self._view
         wanting = sorted(v for v in self._view_changes if v > current)
