@@ -187,7 +187,8 @@ async def serve(args: argparse.Namespace) -> int:
     mesh = PeerMesh(
         node_id, peers, tls, driver.on_peer_message, delay_ms=args.peer_delay_ms, max_datagram_size=args.max_datagram_size
     )
-    repair = ResultRepair(node_id=node_id, manifest=manifest, store=store, adopt=driver.adopt_result)
+    repair = ResultRepair(node_id=node_id, manifest=manifest, store=store, adopt=driver.adopt_result,
+                          client_tls=tls)
     service = ValidationService(
         node_id=node_id, cluster_id=manifest.cluster_id, driver=driver, metrics=metrics,
         limits=ServiceLimits(args.max_validations, args.request_timeout, args.vote_grace_ms / 1000), cache=cache, peer_stats=mesh.stats,

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 from consensus.certificate import verify_result_certificate
 from consensus.validation import decode_outcome
 from transport.client import StoqClient
 from transport.envelope import ApiError
+from transport.tls import TlsConfig
 
 from .store import Store, StoredResult
 
@@ -36,8 +38,10 @@ def _small_int(value: Any) -> int:
 
 class ResultRepair:
     def __init__(self, *, node_id: str, manifest: Any, store: Store, adopt: Callable[[StoredResult], None],
-                 interval_s: float = 2.0, min_age_s: float = 5.0, per_round: int = 50) -> None:
+                 interval_s: float = 2.0, min_age_s: float = 5.0, per_round: int = 50,
+                 client_tls: TlsConfig | None = None) -> None:
         self.node_id = node_id
+        self.client_tls = client_tls  # our certificate, shown to peers: they may require one
         self.manifest = manifest
         self.keyring = manifest.keyring()
         self.store = store
@@ -65,8 +69,11 @@ class ResultRepair:
     def _client(self, entry: Any) -> StoqClient:
         client = self._clients.get(entry.node_id)
         if client is None:
+            tls = self.client_tls  # read at each dial: the files may have been rotated
+            cert = Path(tls.cert_file).read_bytes() if tls is not None else None
+            key = Path(tls.key_file).read_bytes() if tls is not None else None
             client = StoqClient(entry.host, entry.port, ca_pem=self.manifest.ca_pem, server_name=entry.server_name,
-                                timeout_s=3.0, retries=0)
+                                client_cert_pem=cert, client_key_pem=key, timeout_s=3.0, retries=0)
             self._clients[entry.node_id] = client
         return client
 

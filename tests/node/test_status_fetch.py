@@ -27,7 +27,8 @@ from transport.server import HandlerRegistry, Limits, StoqServer
 N = 4
 
 
-async def _query(tmp_path: Path, holders: set[str]) -> tuple[dict[str, Any], collections.Counter[str]]:
+async def _query(tmp_path: Path, holders: set[str],
+                 client_auth: str = "none") -> tuple[dict[str, Any], collections.Counter[str]]:
     """Four real STOQ servers with real ValidationService/ResultRepair; every node has
     executed request r1 at seq 1; only ``holders`` store its certified result. One
     client asks node-2 (which does not hold it)."""
@@ -41,7 +42,8 @@ async def _query(tmp_path: Path, holders: set[str]) -> tuple[dict[str, Any], col
             "signatures": [[k.node_id, k.sign(result_vote_bytes("c", 1, root))] for k in keys[:3]]}
     certified = StoredResult("r1", digest, "Valid", result, cert, 3, N, 1, 0, "node-1")
     calls: collections.Counter[str] = collections.Counter()
-    servers = [StoqServer("::1", 0, HandlerRegistry(), pki.tls(f"node-{i}"), Limits()) for i in range(1, N + 1)]
+    tls = {f"node-{i}": pki.tls(f"node-{i}", client_auth) for i in range(1, N + 1)}
+    servers = [StoqServer("::1", 0, HandlerRegistry(), tls[f"node-{i}"], Limits()) for i in range(1, N + 1)]
     for server in servers:
         await server.start()
     entries = [SimpleNamespace(node_id=f"node-{i}", host="::1", port=s.address[1], server_name=f"node-{i}")
@@ -53,7 +55,8 @@ async def _query(tmp_path: Path, holders: set[str]) -> tuple[dict[str, Any], col
         store = SimpleNamespace(get_result=results.get, get_pending=lambda _rid: None)
         driver = SimpleNamespace(store=store, replica=SimpleNamespace(executed_seq=lambda _rid: 1, leader="node-1", view=0),
                                  adopt_result=lambda s, results=results: results.__setitem__(s.request_id, s))
-        repair = ResultRepair(node_id=entry.node_id, manifest=manifest, store=store, adopt=driver.adopt_result)
+        repair = ResultRepair(node_id=entry.node_id, manifest=manifest, store=store, adopt=driver.adopt_result,
+                              client_tls=tls[entry.node_id])
         repairs.append(repair)
         service = ValidationService(node_id=entry.node_id, cluster_id="c", driver=driver, metrics=NodeMetrics(),
                                     limits=ServiceLimits(100, 5.0, 0.0), cache=None, fetch_certified=repair.fetch_certified)
@@ -63,7 +66,9 @@ async def _query(tmp_path: Path, holders: set[str]) -> tuple[dict[str, Any], col
             return await service.validation_status(payload, ctx)
 
         server.registry.register("consensus/validation_status", handler)
-    client = StoqClient("::1", entries[1].port, ca_pem=pki.ca_pem, server_name="node-2", timeout_s=20, retries=0)
+    cert, key = pki.issue("operator", server=False)
+    client = StoqClient("::1", entries[1].port, ca_pem=pki.ca_pem, server_name="node-2", timeout_s=20, retries=0,
+                        client_cert_pem=cert, client_key_pem=key)
     try:
         answer = await client.call("consensus/validation_status", {"request_id": "r1"})
         await asyncio.sleep(1.0)  # anything still bouncing between nodes would show now
@@ -86,3 +91,8 @@ def test_a_peer_holds_it_fetched_checked_and_answered(tmp_path: Path) -> None:
     answer, calls = asyncio.run(_query(tmp_path, holders={"node-4"}))
     assert answer["status"] == "Valid" and answer["certificate"]["seq"] == 1
     assert sum(calls.values()) <= N, calls
+
+
+def test_peers_that_require_client_certificates_are_asked_with_ours(tmp_path: Path) -> None:
+    answer, _ = asyncio.run(_query(tmp_path, holders={"node-4"}, client_auth="required"))
+    assert answer["status"] == "Valid" and answer["certificate"]["seq"] == 1
