@@ -81,6 +81,7 @@ class _ClientProtocol(CoalescingProtocol):
         self.in_flight = 0
         self._max = max_bytes
         self._pending: dict[int, tuple[asyncio.Future[bytes], bytearray]] = {}
+        self._cancel_when_open: set[int] = set()  # given up while waiting for stream credit
 
     def start_request(self, data: bytes) -> tuple[int, asyncio.Future[bytes]]:
         if self.dead is not None:
@@ -94,15 +95,36 @@ class _ClientProtocol(CoalescingProtocol):
         return stream_id, future
 
     def cancel_request(self, stream_id: int) -> None:
-        if self._pending.pop(stream_id, None) is not None and self.dead is None:
-            # Each on its own: our request side is usually finished already, and a
-            # refused reset must not keep the server from being told to stop sending.
-            for stop in (self._quic.stop_stream, self._quic.reset_stream):
-                try:
-                    stop(stream_id, STREAM_CANCELLED)
-                except (ValueError, AssertionError, RuntimeError):
-                    pass
-            self.flush_soon()
+        if self._pending.pop(stream_id, None) is None or self.dead is not None:
+            return
+        if self._waits_for_credit(stream_id):
+            # aioquic would send STOP_SENDING/RESET_STREAM for a stream past the server's
+            # stream limit, a STREAM_LIMIT_ERROR that closes the whole connection. Cancel
+            # it once credit opens it (transmit), before its request bytes go out.
+            self._cancel_when_open.add(stream_id)
+            return
+        self._stop(stream_id)
+
+    def _waits_for_credit(self, stream_id: int) -> bool:
+        stream = self._quic._streams.get(stream_id)  # aioquic keeps no public view of this
+        return stream is not None and stream.is_blocked
+
+    def _stop(self, stream_id: int) -> None:
+        # Each on its own: our request side is usually finished already, and a refused
+        # reset must not keep the server from being told to stop sending.
+        for stop in (self._quic.stop_stream, self._quic.reset_stream):
+            try:
+                stop(stream_id, STREAM_CANCELLED)
+            except (ValueError, AssertionError, RuntimeError):
+                pass
+        self.flush_soon()
+
+    def transmit(self) -> None:
+        for stream_id in [s for s in self._cancel_when_open if not self._waits_for_credit(s)]:
+            self._cancel_when_open.discard(stream_id)
+            if stream_id in self._quic._streams:
+                self._stop(stream_id)  # a reset goes out instead of the request (aioquic)
+        super().transmit()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):

@@ -415,6 +415,7 @@ def test_client_tells_the_server_to_stop_an_oversized_response() -> None:
         protocol._quic = SimpleNamespace(
             stop_stream=lambda stream, code: frames.append(("STOP_SENDING", stream, code)),
             reset_stream=lambda stream, code: frames.append(("RESET_STREAM", stream, code)),
+            _streams={0: SimpleNamespace(is_blocked=False)},
         )
         protocol.dead, protocol._max, protocol.flush_soon = None, 10, lambda: None
         future = asyncio.get_running_loop().create_future()
@@ -456,3 +457,35 @@ def test_handlers_still_running_when_the_grace_expires_may_answer_before_the_clo
         await client.close()
 
     run(body())
+
+
+def test_a_call_that_times_out_behind_the_stream_limit_leaves_the_connection_up(pki: Pki) -> None:
+    """The third call's stream waits for stream credit (limit 2); cancelling it must not
+    reach the server as a frame for a stream it never allowed (STREAM_LIMIT_ERROR would
+    close the connection under the two calls in flight)."""
+    async def body() -> None:
+        gate = asyncio.Event()
+        started = 0
+
+        async def held(payload: Any, ctx: CallContext) -> Any:
+            nonlocal started
+            started += 1
+            await gate.wait()
+            return payload
+
+        limits = Limits(max_streams_per_connection=2)
+        async with serving(pki.tls("node-1"), _registry(held=held), limits) as server:
+            async with _client(pki, server.port, retries=0) as client:
+                first = [asyncio.create_task(client.call("held", i, timeout_s=15)) for i in range(2)]
+                assert await wait_until(lambda: started == 2, 5.0)
+                with pytest.raises(ApiError) as waited:
+                    await client.call("held", 2, timeout_s=0.3)
+                assert waited.value.code == ErrorCode.Timeout
+                await asyncio.sleep(0.2)  # a close caused by the cancel would arrive now
+                gate.set()
+                assert await asyncio.gather(*first) == [0, 1]
+                assert (await client.call("echo", 3))["payload"] == 3
+                assert client.stats.connections_opened == 1
+                assert started == 2  # the abandoned request never ran
+
+    run(body(), timeout_s=30)
