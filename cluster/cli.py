@@ -173,10 +173,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 class _Supervisor:
-    """What ``hypermesh up`` does when a node exits on its own: restart it (it recovers
-    from its store and catches up), like compose's ``restart: unless-stopped`` — unless
-    it keeps dying (RESTARTS_PER_MINUTE), or --restart no. Either way the others keep
-    serving: up to f nodes may be down."""
+    """What ``hypermesh up`` does when a node exits on its own: restart one that failed
+    (non-zero exit, kill -9; it recovers from its store and catches up), like compose's
+    ``restart: on-failure`` — unless it keeps dying (RESTARTS_PER_MINUTE), or --restart
+    no. A node stopped cleanly (exit 0) stays down. Either way the others keep serving:
+    up to f nodes may be down."""
 
     RESTARTS_PER_MINUTE = 5
 
@@ -191,15 +192,19 @@ class _Supervisor:
             if node.process is None or node.process.poll() is None or node.node_id in self.left_down:
                 continue
             recent = [t for t in self.restarts.get(node.node_id, []) if now - t < 60]
-            exited = f"warning: {node.node_id} exited with code {node.process.returncode} (log {node.log_path})"
-            if self.restart and len(recent) < self.RESTARTS_PER_MINUTE:
+            code = node.process.returncode
+            exited = f"warning: {node.node_id} exited with code {code} (log {node.log_path})"
+            failed = code != 0  # 0: it was stopped on purpose (SIGTERM/SIGINT to that node)
+            if self.restart and failed and len(recent) < self.RESTARTS_PER_MINUTE:
                 self.restarts[node.node_id] = [*recent, now]
                 self.cluster.start_node(node.node_id)
                 _say(f"{exited}; restarted it as pid {node.process.pid} ({len(recent) + 1} of at most "
                      f"{self.RESTARTS_PER_MINUTE} a minute)")
                 continue
             self.left_down.add(node.node_id)
-            why = "it keeps exiting" if self.restart else "--restart no"
+            why = ("--restart no" if not self.restart else "it keeps exiting" if failed else
+                   "it was stopped cleanly, and --restart on-failure restarts only crashes; Ctrl-C and "
+                   "run up again to bring it back")
             down, f = len(self.left_down), self.cluster.manifest.f
             if down <= f:
                 _say(f"{exited}; left down ({why}); the other nodes keep serving ({down} down, the cluster "
@@ -416,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=60.0,
                     help="seconds to wait for the nodes to become healthy (default 60)")
     up.add_argument("--restart", choices=("on-failure", "no"), default="on-failure",
-                    help="a node that exits on its own (crash, kill -9) is started again and catches up from "
-                    "its store, at most 5 times a minute (default on-failure); 'no' leaves it down")
+                    help="a node that fails (crash, kill -9: a non-zero exit) is started again and catches up "
+                    "from its store, at most 5 times a minute (default on-failure); one stopped cleanly (kill -TERM "
+                    "of that node: exit 0) stays down; 'no' leaves every exited node down")
     up.set_defaults(func=cmd_up)
 
     call = sub.add_parser(

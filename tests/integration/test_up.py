@@ -1,6 +1,6 @@
 """``hypermesh up`` (the README's run command) as a user runs it: a real process that
 starts a 4-node cluster, restarts a node that dies (or, with --restart no, keeps serving
-without it), and stops on Ctrl-C."""
+without it), leaves down a node stopped on purpose, and stops on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -114,6 +114,10 @@ def test_up_restarts_a_killed_leader_which_catches_up(tmp_path: Path) -> None:
         asyncio.run(call_then_converge())
         assert _children(proc.pid)["node-1"] != first["node-1"]  # a new process
         assert proc.poll() is None
+        os.kill(first["node-3"], signal.SIGTERM)  # stopped on purpose: on-failure leaves it down
+        out.wait_for("warning: node-3 exited with code 0", 30)
+        out.wait_for("left down (it was stopped cleanly", 5)
+        assert "node-3" not in _children(proc.pid)
     finally:
         _ctrl_c(proc, out)
 
