@@ -288,9 +288,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     header = f"{'node':<10} {'endpoint':<22} {'health':<12} {'view':>5} {'leader':<10} {'last seq':>9} {'checkpoint':>10} {'results':>8} {'evidence':>8}"
     print(header)
     print("-" * len(header))
+    errors: list[str] = []
     for row in rows:
         if not row.get("reachable"):
-            print(f"{row['node_id']:<10} {row['endpoint']:<22} {'UNREACHABLE':<12} {row.get('error', '')[:60]}")
+            error = str(row.get("error", ""))
+            short = error if len(error) <= 60 else error[:59] + "…"
+            print(f"{row['node_id']:<10} {row['endpoint']:<22} {'UNREACHABLE':<12} {short}")
+            if short != error:
+                errors.append(f"{row['node_id']}: {error}")  # whole, below the table
             continue
         evidence = sum((row.get("evidence") or {}).values())
         leader = row.get("leader", "?") + (" *" if row.get("is_leader") else "")
@@ -303,6 +308,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     reachable = sum(1 for r in rows if r.get("reachable"))
     print(f"\n{reachable}/{len(rows)} nodes reachable  (* = this node believes it leads; view->t: in a view change to t)")
+    for line in errors:
+        print(line)
     from .manifest import load_manifest
 
     manifest = load_manifest(Path(args.cluster))

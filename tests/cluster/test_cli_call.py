@@ -295,3 +295,21 @@ def test_a_certificate_request_sent_to_validate_proofs_gets_a_hint(manifest: Man
     payload = ProofFactory(manifest.validation_params()).certificate()
     with pytest.raises(ApiError, match="send it to consensus/validate_certificate"):
         asyncio.run(ClusterClient(manifest).validate_proofs(payload))
+
+
+def test_status_prints_a_long_error_whole_below_the_table(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    error = ("TransportError: TLS handshake with node-2 failed: certificate verify failed: unable to get local "
+             "issuer certificate (is --cluster the directory of this cluster's CA?)")
+
+    async def status(_client: Any) -> list[dict[str, Any]]:
+        return [{"node_id": "node-1", "endpoint": "[::1]:9292", "reachable": True, "view": 0, "leader": "node-1",
+                 "is_leader": True, "last_executed_seq": 3, "stable_checkpoint_seq": 0, "results_stored": 3},
+                {"node_id": "node-2", "endpoint": "[::1]:9293", "reachable": False, "error": error}]
+
+    monkeypatch.setattr(ClusterClient, "status", status)
+    assert main(["status", "--cluster", str(manifest.directory)]) == 1
+    out = capsys.readouterr().out
+    table, _, notes = out.partition("nodes reachable")
+    assert "UNREACHABLE" in table and error not in table and error[:40] in table
+    assert f"node-2: {error}" in notes
