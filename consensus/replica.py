@@ -188,6 +188,7 @@ class Replica:
         self._higher_view_seen: dict[int, set[str]] = {}
         self._next_fetch_view_ms = 0
         self._helped: dict[str, int] = {}
+        self._vc_answered: dict[str, int] = {}  # peer -> when we last answered its view-change
 
         self._slots: dict[int, Slot] = {}
         self._stable = _Stable()
@@ -1675,20 +1676,20 @@ class Replica:
 
     def _on_view_change(self, msg: Message, sender: str) -> None:
         vc: ViewChange = msg.payload  # type: ignore[assignment]
-        if vc.new_view <= self._view or vc.new_view > self._view + MAX_VIEW_LEAP:
+        if vc.new_view <= self._view:
+            self._help_stale(vc.new_view - 1, sender)  # it asks for a view we installed
             return
-        own = self._view_changes.get(vc.new_view, {}).get(self.node_id)
-        if own is not None and self._in_view_change and vc.new_view < self._vc_target:
-            # The sender still asks for a view we saw a quorum for and left: it may have
-            # lost our view-change, and without it can never time out of that view.
-            self._out.append(Send(own.raw, sender))
+        if vc.new_view > self._view + MAX_VIEW_LEAP:
+            return
         if sender in self._view_changes.get(vc.new_view, {}):
+            self._answer_view_change(vc.new_view, sender)  # asked again: ours may be lost
             return
         if not verify_view_change(self.keyring, self._cid, vc, self.config.log_size):
             self._count("invalid_view_change")
             return
         asked = self._view_changes.setdefault(vc.new_view, {})
         asked[sender] = msg
+        self._answer_view_change(vc.new_view, sender)
         if self._in_view_change and vc.new_view == self._vc_target and len(asked) == self.keyring.quorum:
             self._vc_quorum_at = self._now  # PBFT's timer for the new leader starts now
         # Join rule: f+1 validators want a higher view, so at least one honest one does.
@@ -1703,6 +1704,28 @@ class Replica:
         # drop view-change sets for views we have left behind
         for v in [v for v in self._view_changes if v <= self._view]:
             del self._view_changes[v]
+
+    def _answer_view_change(self, view: int, sender: str) -> None:
+        """The sender asks for a view we saw a quorum for and left behind: it may have lost
+        our view-change for it and, short of a quorum, could never time out of that view.
+        Hand it ours, at most once per view-change timeout per peer (a small message must
+        not buy a large answer at will). Ours is re-signed if a restart lost it: we took
+        part in no view since, so it carries what the lost one did."""
+        if not (self._in_view_change and view < self._vc_target):
+            return
+        last = self._vc_answered.get(sender)
+        if last is not None and self._now - last < self.config.view_change_timeout_ms:
+            return
+        self._vc_answered[sender] = self._now
+        asked = self._view_changes.setdefault(view, {})
+        own = asked.get(self.node_id)
+        if own is None:
+            prepared = tuple(self._slots[s].prepared_cert for s in sorted(self._slots)
+                             if s > self._stable.seq and self._slots[s].prepared_cert is not None)
+            own = asked[self.node_id] = decode(self._wire(
+                ViewChange(view, self._stable.seq, self._stable.proof, prepared)))  # type: ignore[arg-type]
+        self._count("view_changes_answered")
+        self._out.append(Send(own.raw, sender))
 
     def _try_new_view(self, view: int) -> None:
         if self._leader_of(view) != self.node_id or view in self._sent_new_view:

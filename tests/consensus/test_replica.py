@@ -441,6 +441,52 @@ def test_a_replica_that_left_a_view_answers_a_peer_still_asking_for_it() -> None
         assert all(rid in c.finals(nid) or rid in c.committed_ids(nid) for rid in ("x", "y"))
 
 
+def _node2_ahead_alone(c: Cluster) -> None:
+    """node-0 down; node-2 alone saw 2f+1 ask for view 1 and moved on to view 2 while
+    node-1 and node-3 still wait for view 1 (they lack node-2's view-change for it)."""
+    _run_requests(c, 2)
+    c.crash("node-0")
+    c.drop = lambda src, dst, data: dst == "node-1" or (src, dst) == ("node-2", "node-3")
+    c.submit("node-3", "x", b"needs a new view")
+    c.submit("node-1", "y", b"so does this one")
+    c.run(6_000, step=20)
+    targets = {n: c.nodes[n].replica.status()["view_change_target"] for n in ("node-1", "node-2", "node-3")}
+    assert targets == {"node-1": 1, "node-2": 2, "node-3": 1}
+
+
+def test_a_replica_answers_for_a_view_it_left_even_after_a_restart_lost_its_view_change() -> None:
+    # Found by review: the answer used only the stored view-change, which a restart loses.
+    c = Cluster()
+    _node2_ahead_alone(c)
+    c.crash("node-2")
+    c.restart("node-2")  # back at target 2 from its records, without its view-change for 1
+    c.drop = lambda src, dst, data: False
+    c.run(30_000, step=20)
+    for nid in ("node-1", "node-2", "node-3"):
+        r = c.nodes[nid].replica
+        assert not r.in_view_change and r.view >= 1
+        assert all(rid in c.finals(nid) or rid in c.committed_ids(nid) for rid in ("x", "y"))
+
+
+def test_view_change_answers_are_rate_limited_and_stale_ones_get_the_new_view() -> None:
+    c = Cluster()
+    _node2_ahead_alone(c)
+    asking = c.nodes["node-3"].replica._view_changes[1]["node-3"].raw  # its signed view-change for 1
+    r2 = c.nodes["node-2"].replica
+    t = c.now + 2_000  # past the answer node-2 already gave (lost on the way)
+    sent = [a for _ in range(200) for a in r2.receive("node-3", asking, t) if isinstance(a, Send)]
+    assert len(sent) == 1 and sent[0].to == "node-3"  # one answer per view-change timeout
+    later = [a for a in r2.receive("node-3", asking, t + 2_000) if isinstance(a, Send)]
+    assert len(later) == 1
+    c.now = t + 2_000
+    c.drop = lambda src, dst, data: False
+    c.run(30_000, step=20)
+    assert c.nodes["node-2"].replica.view >= 2 and not c.nodes["node-2"].replica.in_view_change
+    # A peer still asking for a view we installed gets our new-view (it proves the view).
+    stale = [a for a in r2.receive("node-3", asking, c.now + 60_000) if isinstance(a, Send)]
+    assert len(stale) == 1 and stale[0].to == "node-3" and stale[0].payload == r2._new_view_wire
+
+
 def test_forged_new_view_is_refused() -> None:
     from consensus.messages import NewView, ViewChange
     c = Cluster()
