@@ -118,8 +118,24 @@ def _unpack(data: bytes | bytearray | memoryview, max_bytes: int, what: str, max
     except _ExtRefused as exc:
         raise _invalid(what, f"msgpack extension type {exc.args[0]} is not allowed") from None
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
-        raise _invalid(what, f"not valid msgpack ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise _invalid(what, f"not valid msgpack ({_why_not_msgpack(exc)})") from None
     return value
+
+
+def _why_not_msgpack(exc: BaseException) -> str:
+    """msgpack's exceptions in the words of PROTOCOL.md, not Python's."""
+    text = str(exc)
+    if isinstance(exc, (msgpack.StackError, RecursionError)):
+        return "nested too deeply"
+    if isinstance(exc, msgpack.FormatError):
+        return "a byte that starts no msgpack value"
+    if "map key" in text:
+        return "map keys must be strings"
+    if "incomplete input" in text or isinstance(exc, msgpack.OutOfData):
+        return "truncated: the data ends inside a value"
+    if "exceeds max_" in text:
+        return "a container with more elements than the input could hold or the limit allows"
+    return f"{type(exc).__name__}: {text[:120]}"
 
 
 def _check_tree(value: Any, field_name: str, max_values: int | None = None) -> None:

@@ -206,3 +206,13 @@ def test_payload_element_counts_are_bounded() -> None:
     # Responses (from the server the client chose to trust) may carry longer lists.
     big = _pack({"v": 1, "request_id": "r", "ok": True, "payload": [0] * 5000, "error": None, "metadata": {}})
     assert len(decode_response(big).payload) == 5000
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"\xc1", "a byte that starts no msgpack value"),
+    (b"\x81\x01\x02", "map keys must be strings"),
+    (b"\xdb\xff\xff\xff\xff", "truncated: the data ends inside a value"),
+    (b"\x91" * 5000, "nested too deeply"),
+])
+def test_undecodable_envelopes_are_explained_in_protocol_words(data: bytes, reason: str) -> None:
+    _expect_invalid(data, f"envelope: not valid msgpack ({reason})")
