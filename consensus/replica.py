@@ -1644,10 +1644,7 @@ class Replica:
         self._vc_deadline = self._now + self.config.view_change_timeout_ms * factor
         self._vc_quorum_at = None
         self._count("view_changes_started")
-        prepared = tuple(self._slots[s].prepared_cert for s in sorted(self._slots)
-                         if s > self._stable.seq and self._slots[s].prepared_cert is not None)
-        vc = ViewChange(target, self._stable.seq, self._stable.proof, prepared)  # type: ignore[arg-type]
-        wire = self._wire(vc)
+        wire = self._wire(self._view_change(target))
         self._out.append(Persist((("view", canonical_pack([self._view, target])),)))
         self._out.append(Send(wire))
         asked = self._view_changes.setdefault(target, {})
@@ -1655,6 +1652,12 @@ class Replica:
         if len(asked) >= self.keyring.quorum:
             self._vc_quorum_at = self._now
         self._try_new_view(target)
+
+    def _view_change(self, target: int) -> ViewChange:
+        """Our view-change for ``target``: stable checkpoint and every prepared certificate above it."""
+        prepared = tuple(self._slots[s].prepared_cert for s in sorted(self._slots)
+                         if s > self._stable.seq and self._slots[s].prepared_cert is not None)
+        return ViewChange(target, self._stable.seq, self._stable.proof, prepared)  # type: ignore[arg-type]
 
     def _view_change_timer_expired(self) -> None:
         """PBFT's rule: move on to the next view only once 2f+1 validators asked for this
@@ -1720,10 +1723,7 @@ class Replica:
         asked = self._view_changes.setdefault(view, {})
         own = asked.get(self.node_id)
         if own is None:
-            prepared = tuple(self._slots[s].prepared_cert for s in sorted(self._slots)
-                             if s > self._stable.seq and self._slots[s].prepared_cert is not None)
-            own = asked[self.node_id] = decode(self._wire(
-                ViewChange(view, self._stable.seq, self._stable.proof, prepared)))  # type: ignore[arg-type]
+            own = asked[self.node_id] = decode(self._wire(self._view_change(view)))
         self._count("view_changes_answered")
         self._out.append(Send(own.raw, sender))
 

@@ -120,10 +120,11 @@ class _ClientProtocol(CoalescingProtocol):
         self.flush_soon()
 
     def transmit(self) -> None:
-        for stream_id in [s for s in self._cancel_when_open if not self._waits_for_credit(s)]:
-            self._cancel_when_open.discard(stream_id)
-            if stream_id in self._quic._streams:
-                self._stop(stream_id)  # a reset goes out instead of the request (aioquic)
+        if self._cancel_when_open:  # almost always empty: one test per transmit
+            for stream_id in [s for s in self._cancel_when_open if not self._waits_for_credit(s)]:
+                self._cancel_when_open.discard(stream_id)
+                if stream_id in self._quic._streams:
+                    self._stop(stream_id)  # a reset goes out instead of the request (aioquic)
         super().transmit()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
