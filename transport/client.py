@@ -32,7 +32,7 @@ from .envelope import (
     decode_response,
     encode_request,
 )
-from .quic import ALPN_API, CLOSE_UNAUTHORIZED, CoalescingProtocol
+from .quic import ALPN_API, CLOSE_UNAUTHORIZED, BoundedQuicConnection, CoalescingProtocol
 
 log = logging.getLogger("transport.client")
 
@@ -384,7 +384,7 @@ class StoqClient:
         if ticket is not None and ticket.is_valid:
             config.session_ticket = ticket
             self.session_ticket = None  # the server accepts each ticket once
-        quic = QuicConnection(configuration=config, session_ticket_handler=self._ticket_received)
+        quic = BoundedQuicConnection(configuration=config, session_ticket_handler=self._ticket_received)
         try:
             transport, protocol = await loop.create_datagram_endpoint(
                 lambda: _ClientProtocol(quic, self.max_envelope_bytes), remote_addr=(self.host, self.port)

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from .framing import DEFAULT_MAX_FRAME_BYTES, encode_frames
-from .quic import ALPN_PEER, CoalescingProtocol
+from .quic import ALPN_PEER, BoundedQuicConnection, CoalescingProtocol
 from .tls import TlsConfig
 
 log = logging.getLogger("transport.peers")
@@ -211,7 +211,7 @@ class _PeerLink:
             certificate_chain=chain,
             private_key=key,
         )
-        quic = QuicConnection(configuration=config)
+        quic = BoundedQuicConnection(configuration=config)
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _PeerProtocol(quic, self.wake), remote_addr=(self.address.host, self.address.port)
         )

@@ -77,7 +77,45 @@ class _UnlessResumed:
         return not self._tls.session_resumed
 
 
-class StoqQuicConnection(QuicConnection):
+class BoundedQuicConnection(QuicConnection):
+    """QuicConnection whose flow-control credit slides over the bytes delivered in order.
+
+    aioquic doubles a stream's credit once the highest offset *received* passes half of
+    it, and the connection's once half of its credit is used, whether or not the bytes
+    before that offset ever came. A peer that sends one byte just below each new limit
+    and never fills the gap makes aioquic zero-fill ever larger buffers: 40 one-byte
+    frames grew a node by 1.5 GB. Here credit reaches at most one window (the configured
+    ``max_stream_data`` / ``max_data``) past what was delivered in order, so out-of-order
+    data can never hold more than that window per stream and per connection."""
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: Any, stream: Any) -> None:
+        receiver = stream.receiver
+        window = self._configuration.max_stream_data
+        delivered = receiver.starting_offset()
+        if stream.max_stream_data_local and stream.max_stream_data_local - delivered < window // 2:
+            stream.max_stream_data_local = delivered + window
+        highest, receiver.highest_offset = receiver.highest_offset, 0  # keeps aioquic's doubling rule out
+        try:
+            super()._write_stream_limits(builder, space, stream)
+        finally:
+            receiver.highest_offset = highest
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: Any) -> None:
+        credit = self._local_max_data
+        window = self._configuration.max_data
+        if credit.value - credit.used < window // 2:  # cheap test first: delivered <= used
+            undelivered = sum(s.receiver.highest_offset - s.receiver.starting_offset() for s in self._streams.values())
+            delivered = credit.used - undelivered
+            if credit.value - delivered < window // 2:
+                credit.value = delivered + window
+        used, credit.used = credit.used, 0  # keeps aioquic's doubling rule out
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            credit.used = used
+
+
+class StoqQuicConnection(BoundedQuicConnection):
     """QuicConnection that can request a client certificate (RFC 8446 4.3.2).
 
     aioquic's TLS server only sends CertificateRequest when the private
