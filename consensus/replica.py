@@ -1969,6 +1969,10 @@ class Replica:
         cp = durable.get("checkpoint")
         if cp is not None:
             seq, digest, blob, proof = unpack_bounded(cp, max_size=MAX_MESSAGE_BYTES, field="durable.checkpoint")
+            # The same checks as a snapshot from a peer: a changed byte would alter time heads
+            # (which requests are Valid) without anyone noticing.
+            if snapshot_digest(blob) != digest or checkpoint_proof_digest(self.keyring, self._cid, seq, tuple(proof)) != digest:
+                raise DecodeError("durable.checkpoint", "the stored checkpoint does not match its digest and signatures")
             app_snapshot, book = self._parse_blob(blob)
             self._install_snapshot(seq, digest, tuple(proof), blob, app_snapshot, book)
             self._out.clear()  # nothing new to persist: it came from disk

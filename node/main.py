@@ -143,7 +143,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     log.info("Initializing consensus engine...")
     data_lock = lock_data_dir(data_dir)  # held until the process exits
-    store = Store(data_dir / "node.db", sync_commits=args.sync_commits)
+    store = Store(data_dir / "node.db", sync_commits=args.sync_commits, owner=f"{manifest.cluster_id}/{node_id}")
     metrics = NodeMetrics()
     node_dir = manifest.node_dir(node_id)
     tls = TlsConfig(node_dir / "tls.pem", node_dir / "tls.key", ca_pem=manifest.ca_pem, client_auth=args.client_auth)
@@ -272,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("consensus-server: --port must be 0..65535")
     configure_logging(args.log_level)
     from cluster.manifest import ManifestError
+    from node.store import StoreError
 
     try:
         return asyncio.run(serve(args))
-    except ManifestError as exc:
+    except (ManifestError, StoreError) as exc:
         log.error("%s", exc)
         return 2
     except OSError as exc:

@@ -25,12 +25,13 @@ from consensus.actions import (
     StateTransferred,
     ViewChanged,
 )
+from consensus.codec import DecodeError
 from consensus.replica import Replica, ReplicaConfig
 from consensus.validation import ValidationApp, decode_outcome
 from transport.envelope import ApiError, ErrorCode
 
 from .metrics import NodeMetrics
-from .store import PendingRequest, Store, StoredResult
+from .store import PendingRequest, Store, StoredResult, StoreError
 
 log = logging.getLogger("hypermesh.node")
 
@@ -43,10 +44,16 @@ class NodeStopping(Exception):
     """Set on a waiting validation when the node shuts down before it is final."""
 
 
+class NotAccepted(Exception):
+    """Set on a waiting validation whose request never reached the disk: the store
+    refused the write, so this node does not have it and will not finish it."""
+
+
 @dataclass(slots=True)
 class Waiter:
     future: asyncio.Future[StoredResult]
     started: float = field(default_factory=time.perf_counter)
+    durable: bool = False  # its pending row is committed: "Pending" is a promise we keep
 
 
 class ReplicaDriver:
@@ -74,7 +81,11 @@ class ReplicaDriver:
         self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="precheck")
         self.app = ValidationApp(params, kem_private_key, precheck_runner=self._run_prechecks,
                                  background=self._pool.submit)
-        replica: Any = Replica(replica_config, key, keyring, self.app, durable=store.load_records(), now_ms=now_ms())
+        try:
+            replica: Any = Replica(replica_config, key, keyring, self.app, durable=store.load_records(), now_ms=now_ms())
+        except DecodeError as exc:  # our own records do not decode or do not verify: refuse to run on them
+            raise StoreError(f"the consensus records in {store.path} are damaged ({exc}); in a cluster, move this "
+                             "node's data directory aside and start it empty: it catches up from its peers") from exc
         if byzantine:
             from consensus.byzantine import ByzantineReplica
 
@@ -148,6 +159,9 @@ class ReplicaDriver:
     def submit(self, request_id: str, request_digest: bytes, kind: str, request: bytes) -> asyncio.Future[StoredResult]:
         """Accept a client request: durable as pending first, then ordered."""
         future: asyncio.Future[StoredResult] = asyncio.get_running_loop().create_future()
+        if self.failed is not None:  # fail-stop: nothing more is written
+            future.set_exception(NotAccepted())
+            return future
         self._waiters.setdefault(request_id, []).append(Waiter(future))
         # Durable (in this pass's transaction) before anything about it is sent or answered.
         # The request bytes themselves are persisted once, by the replica (pending/<id>);
@@ -195,7 +209,7 @@ class ReplicaDriver:
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.future.done():
-                    waiter.future.set_exception(NodeStopping())
+                    waiter.future.set_exception(NodeStopping() if waiter.durable else NotAccepted())
                     released += 1
         self._waiters.clear()
         return released
@@ -274,9 +288,16 @@ class ReplicaDriver:
                 self.failed = exc
                 log.critical("the store refused a write (%s): stopping this node; a restart recovers "
                              "from what is on disk", exc)
+                for request in pending:  # never saved: their clients must send them elsewhere
+                    for waiter in self._waiters.pop(request.request_id, []):
+                        if not waiter.future.done():
+                            waiter.future.set_exception(NotAccepted())
                 if self.on_fatal is not None:
                     self.on_fatal(exc)
                 return
+        for request in pending:
+            for waiter in self._waiters.get(request.request_id, ()):
+                waiter.durable = True
         for to, payload in sends:
             try:
                 self._send(to, payload)

@@ -46,6 +46,11 @@ class DataDirInUse(OSError):
     """Another process holds this data directory (two writers would corrupt the store)."""
 
 
+class StoreError(Exception):
+    """The store cannot be used as it is: unreadable, damaged, or another node's. The
+    message says which and what to do; the node refuses to start rather than serve it."""
+
+
 def lock_data_dir(data_dir: Path) -> TextIO:
     """Take ``data_dir/LOCK`` (an exclusive flock, released when the process exits, even
     by kill -9) and write our pid in it. Returns the open file: keep it open."""
@@ -110,6 +115,10 @@ CREATE TABLE IF NOT EXISTS evidence (
     detail      TEXT NOT NULL,
     recorded_at REAL NOT NULL,
     UNIQUE (accused, kind, seq, view)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -224,12 +233,27 @@ class WalCheckpointer:
 
 class Store:
     def __init__(self, path: Path, *, sync_commits: bool = False, background_checkpoints: bool = True,
-                 audit_keep_rows: int = AUDIT_KEEP_ROWS) -> None:
+                 audit_keep_rows: int = AUDIT_KEEP_ROWS, owner: str | None = None) -> None:
+        """``owner`` ("cluster-id/node-id"): written into a new store and checked on every
+        later open, so a node never serves another node's or another cluster's data."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self._audit_keep = audit_keep_rows
         self.path = path
         self._audit_buffer: list[tuple[float, str | None, str, str | None, str]] = []
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        try:
+            self._open(sync_commits, owner)
+        except (sqlite3.Error, StoreError) as exc:
+            self._db.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"cannot open the store {path}: {exc}") from exc
+        self._checkpointer: WalCheckpointer | None = None
+        if background_checkpoints:
+            self._db.execute(f"PRAGMA wal_autocheckpoint={SAFETY_NET_PAGES}")
+            self._checkpointer = WalCheckpointer(path)
+
+    def _open(self, sync_commits: bool, owner: str | None) -> None:
         # 16 KB pages (new databases only; an existing file keeps its page size): a batch
         # persists a few hundred KB of request bytes per transaction, and SQLite writes
         # (and checkpoints) them page by page — 4 KB pages cost ~1.6x the CPU per batch.
@@ -238,11 +262,29 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if sync_commits else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # A damaged file can still open and answer most queries: results that read as
+        # missing would turn final answers into Pending. Reading every page once at start
+        # keeps the node from serving it.
+        problems = [" ".join(row[0].split()) for row in self._db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise StoreError(
+                f"the store {self.path} is damaged ({'; '.join(problems)}). In a cluster, move this node's data "
+                "directory aside and start it empty: it catches up from its peers. A single node has no peers: "
+                "restore the directory from a backup (docs/OPERATIONS.md, Backups)"
+            )
         self._db.executescript(SCHEMA)
-        self._checkpointer: WalCheckpointer | None = None
-        if background_checkpoints:
-            self._db.execute(f"PRAGMA wal_autocheckpoint={SAFETY_NET_PAGES}")
-            self._checkpointer = WalCheckpointer(path)
+        if owner is not None:
+            self._claim(owner)
+
+    def _claim(self, owner: str) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'owner'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta (key, value) VALUES ('owner', ?)", (owner,))
+        elif row[0] != owner:
+            raise StoreError(
+                f"the store {self.path} belongs to {row[0]} (cluster/node), not {owner}: give this node its own "
+                "--data-dir (a node must never serve another node's or another cluster's results)"
+            )
 
     def close(self) -> None:
         self.flush_audit()

@@ -208,3 +208,38 @@ def test_a_data_directory_has_one_owner(tmp_path: Path) -> None:
     finally:
         held.close()
     lock_data_dir(tmp_path / "node-2").close()  # free again once the owner is gone
+
+
+def test_a_store_serves_only_the_node_and_cluster_that_created_it(tmp_path: Path) -> None:
+    from node.store import StoreError
+
+    store = Store(tmp_path / "node.db", background_checkpoints=False, owner="hm-one/node-2")
+    store.put_results([_result("a")])
+    store.close()
+    for stranger in ("hm-one/node-4", "hm-other/node-2"):  # another node's copy; another cluster's
+        with pytest.raises(StoreError, match=r"belongs to hm-one/node-2 \(cluster/node\), not " + stranger):
+            Store(tmp_path / "node.db", background_checkpoints=False, owner=stranger)
+    again = Store(tmp_path / "node.db", background_checkpoints=False, owner="hm-one/node-2")
+    assert again.get_result("a") is not None
+    again.close()
+
+
+def test_a_damaged_store_is_refused_at_start_not_served(tmp_path: Path) -> None:
+    """A page overwritten in the middle still opens; rows read from it would be missing,
+    and final results would be answered Pending."""
+    from node.store import StoreError
+
+    path = tmp_path / "node.db"
+    store = Store(path, background_checkpoints=False)
+    store.put_results([_result(f"r{i}", seq=i + 1) for i in range(400)])
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    assert path.stat().st_size > 8 * 16384
+    with open(path, "r+b") as handle:
+        handle.seek(5 * 16384)  # a b-tree page's header
+        handle.write(os.urandom(2048))
+    with pytest.raises(StoreError, match=r"is damaged \(.*btreeInitPage.*\)\. In a cluster, move this node's data directory aside"):
+        Store(path, background_checkpoints=False)
+    (tmp_path / "garbage.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError, match=r"cannot open the store .*garbage\.db: file is not a database"):
+        Store(tmp_path / "garbage.db", background_checkpoints=False)
