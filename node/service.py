@@ -24,7 +24,7 @@ from transport.envelope import ApiError, ErrorCode
 
 from .cache import ResultCache
 from .metrics import NodeMetrics
-from .runtime import NodeStopping, ReplicaDriver
+from .runtime import NodeStopping, NotAccepted, ReplicaDriver
 from .tracing import trace_id_of
 from .store import StoredResult
 
@@ -174,6 +174,12 @@ class ValidationService:
             self.driver.forget_waiter(request.request_id, future)
             # Accepted and durable: the client can poll validation_status for the result.
             return self._pending_answer(request.request_id)
+        except NotAccepted:
+            raise ApiError(
+                ErrorCode.TransportError,
+                f"{self.node_id} could not store the request (its disk refused a write) and is stopping: "
+                "it was not accepted; send it to another node",
+            ) from None
         else:
             if stored.agreeing < stored.n and self._should_wait_for_votes():
                 stored = await self.driver.wait_for_votes(stored, self.limits.vote_grace_s)
@@ -294,7 +300,7 @@ class ValidationService:
                     raise ApiError(ErrorCode.InvalidRequest, "accused: must be a node id string")
                 accused = payload["accused"]
             if payload.get("limit") is not None:
-                if not isinstance(payload["limit"], int) or not 0 < payload["limit"] <= 1000:
+                if type(payload["limit"]) is not int or not 0 < payload["limit"] <= 1000:  # bool is an int
                     raise ApiError(ErrorCode.InvalidRequest, "limit: must be an integer 1..1000")
                 limit = payload["limit"]
         records = self.driver.store.list_evidence(accused, limit)

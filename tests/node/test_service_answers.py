@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 import node.service as service_module
+from transport.envelope import ApiError, ErrorCode
 from consensus.actions import Final, ResultCertificate
 from consensus.validation import Outcome
 from node.metrics import NodeMetrics
-from node.runtime import ReplicaDriver
+from node.runtime import NotAccepted, ReplicaDriver
 from node.service import ServiceLimits, ValidationService, wrap_handler
 from node.store import Store
 
@@ -197,7 +198,39 @@ def test_a_failed_store_write_stops_the_node_before_anything_is_sent(service: Va
 
     future = asyncio.run(run())
     assert [type(e) for e in fatal] == [sqlite3.OperationalError] and driver.failed is fatal[0]
-    assert attempts["n"] == 1 and sent == [] and not future.done()
+    assert attempts["n"] == 1 and sent == []
+    assert isinstance(future.exception(), NotAccepted)  # never saved: not a "Pending" promise
+
+
+def test_a_request_the_store_never_saved_is_refused_not_answered_pending(service: ValidationService,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Pending" promises that the request is on disk and will be finished. When the disk
+    refused the write, the client must send the request elsewhere instead."""
+    import contextlib
+    import sqlite3
+
+    driver = service.driver
+    driver.on_fatal = lambda exc: None
+
+    @contextlib.contextmanager
+    def broken() -> Iterator[None]:
+        raise sqlite3.OperationalError("database or disk is full")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(driver.store, "transaction", broken)
+
+    async def ask(request_id: str) -> ApiError:
+        with pytest.raises(ApiError) as caught:
+            await asyncio.wait_for(service._validate_traced("proofs", {"request_id": request_id}, _Span()), 5)
+        return caught.value
+
+    async def run() -> list[ApiError]:
+        return [await ask("unsaved"), await ask("after-the-failure")]
+
+    for error in asyncio.run(run()):
+        assert error.code == ErrorCode.TransportError
+        assert "could not store the request" in error.message and "send it to another node" in error.message
+    assert driver._waiters == {} and service.in_flight == 0
 
 
 def test_a_stored_result_this_node_cannot_decode_is_answered_not_crashed(service: ValidationService) -> None:
@@ -242,10 +275,20 @@ def test_retries_answered_from_the_store_count_as_answered_validations(service: 
 def test_a_validation_waiting_at_shutdown_is_answered_pending(service: ValidationService) -> None:
     async def run() -> tuple[dict[str, Any], int]:
         task = asyncio.create_task(service._validate_traced("proofs", {"request_id": "s"}, _Span()))
-        await _until(lambda: "s" in service.driver._waiters)
+        await _until(lambda: "s" in service.driver._waiters and service.driver._waiters["s"][0].durable)
         released = service.driver.release_waiters()
         return await asyncio.wait_for(task, 5), released
 
     answer, released = asyncio.run(run())
     assert released == 1 and answer["status"] == "Pending" and answer["request_id"] == "s"
     assert service.driver._waiters == {} and service.in_flight == 0
+
+
+def test_the_evidence_limit_must_be_a_real_integer(service: ValidationService) -> None:
+    async def ask(limit: Any) -> Any:
+        return await service.evidence({"limit": limit}, _Ctx())
+
+    assert asyncio.run(ask(5))["evidence"] == []
+    for bad in (True, 0, 1001, "5", 2.0):
+        with pytest.raises(ApiError, match="limit: must be an integer 1..1000"):
+            asyncio.run(ask(bad))
