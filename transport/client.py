@@ -71,6 +71,12 @@ def _failure(error: ApiError) -> Exception:
     return _Retryable(error) if error.code == ErrorCode.TransportError else error
 
 
+# Probe timeouts in a row with nothing acknowledged before a connection counts as lost.
+# Each one doubles the wait: 6 is about 63 probe timeouts of time, 1.7 s on loopback
+# (a server ACKs within its 25 ms max_ack_delay however long the request takes to run).
+DEAD_AFTER_PROBES = 6
+
+
 class _ClientProtocol(CoalescingProtocol):
     owns_socket = True
 
@@ -158,6 +164,18 @@ class _ClientProtocol(CoalescingProtocol):
 
     def connection_closing(self, event: events.ConnectionTerminated) -> None:
         self._fail(termination_error(event))
+
+    def _handle_timer(self) -> None:
+        super()._handle_timer()
+        # A server restarted on the same port drops the old connection's packets without a
+        # word (no ICMP, and aioquic has no stateless reset), so each call on it would wait
+        # for its timeout. Unacknowledged probes show it: give the connection up, and the
+        # call's retry dials the new server.
+        if self.dead is None and self._quic._loss._pto_count >= DEAD_AFTER_PROBES:
+            self._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="no answer to probes")
+            self._fail(ApiError(ErrorCode.TransportError,
+                                f"connection lost: the server acknowledged none of {DEAD_AFTER_PROBES} probes in a row "
+                                "(restarted or unreachable)"))
 
     def error_received(self, exc: Exception) -> None:
         # Port unreachable and the like: fail fast instead of waiting for a timeout.
