@@ -216,3 +216,14 @@ def test_payload_element_counts_are_bounded() -> None:
 ])
 def test_undecodable_envelopes_are_explained_in_protocol_words(data: bytes, reason: str) -> None:
     _expect_invalid(data, f"envelope: not valid msgpack ({reason})")
+
+
+def test_the_id_of_an_undecodable_request_is_found_without_building_the_rest() -> None:
+    from transport.envelope import peek_request_id
+
+    assert peek_request_id(msgpack.packb({"v": 1, "id": "req-1", "path": "x"})) == "req-1"
+    # behind 1 MiB of nested empty maps that the bounded decoder refuses: still found
+    assert peek_request_id(msgpack.packb({"v": 1, "payload": [[{}] * 4096] * 250, "id": "req-2"})) == "req-2"
+    for no_id in (msgpack.packb({"v": 1, "id": 5}), msgpack.packb({"id": "x" * 1000}), msgpack.packb([1, 2]),
+                  b"\xff\x00", b"", msgpack.packb({"v": 1})):
+        assert peek_request_id(no_id) == ""
