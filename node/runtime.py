@@ -202,8 +202,9 @@ class ReplicaDriver:
                 waiter.future.set_result(stored)
 
     def release_waiters(self) -> int:
-        """Shutdown: the clients still waiting are told "Pending" (their requests are
-        durable; the cluster finishes them and validation_status answers), rather than
+        """Shutdown or a failed write: the clients still waiting are told "Pending" (their
+        requests are durable; the cluster finishes them and validation_status answers),
+        or NotAccepted where the write that was to save the request failed, rather than
         having their streams cancelled. Returns how many were waiting."""
         released = 0
         for waiters in self._waiters.values():
@@ -288,10 +289,9 @@ class ReplicaDriver:
                 self.failed = exc
                 log.critical("the store refused a write (%s): stopping this node; a restart recovers "
                              "from what is on disk", exc)
-                for request in pending:  # never saved: their clients must send them elsewhere
-                    for waiter in self._waiters.pop(request.request_id, []):
-                        if not waiter.future.done():
-                            waiter.future.set_exception(NotAccepted())
+                # Nothing here will be finished: answer every waiter now (Pending if its
+                # request is on disk, NotAccepted if this pass's write was to save it).
+                self.release_waiters()
                 if self.on_fatal is not None:
                     self.on_fatal(exc)
                 return

@@ -243,10 +243,11 @@ class Store:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         try:
             self._open(sync_commits, owner)
-        except (sqlite3.Error, StoreError) as exc:
+        except StoreError:
             self._db.close()
-            if isinstance(exc, StoreError):
-                raise
+            raise
+        except sqlite3.Error as exc:
+            self._db.close()
             raise StoreError(f"cannot open the store {path}: {exc}") from exc
         self._checkpointer: WalCheckpointer | None = None
         if background_checkpoints:

@@ -94,6 +94,8 @@ class BoundedQuicConnection(QuicConnection):
         delivered = receiver.starting_offset()
         if stream.max_stream_data_local and stream.max_stream_data_local - delivered < window // 2:
             stream.max_stream_data_local = delivered + window
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return  # nothing to announce: the usual case, for every stream on every packet
         highest, receiver.highest_offset = receiver.highest_offset, 0  # keeps aioquic's doubling rule out
         try:
             super()._write_stream_limits(builder, space, stream)
