@@ -42,6 +42,11 @@ MAX_NODE_ID_CHARS = 128
 MAX_SIGNATURE_BYTES = 8192
 MAX_PROOF_ITEMS = 1024
 MAX_BATCHES_PER_REPLY = 64
+# Requests (or results) one fetch reply carries at most, past its first batch: with the
+# element budget below this bounds what any honest message holds, so a hostile frame
+# cannot make the decoder build millions of containers.
+MAX_REPLY_ENTRIES = 16 * MAX_BATCH_REQUESTS
+MAX_MESSAGE_ELEMENTS = 8 * MAX_REPLY_ENTRIES + 8 * MAX_BATCH_REQUESTS
 
 PRE_PREPARE = "pre-prepare"
 PREPARE = "prepare"
@@ -378,7 +383,8 @@ def decode(data: bytes, max_size: int = MAX_MESSAGE_BYTES) -> Message:
     Does not check the signature (that needs the key ring): see ``verify``."""
     # No generic depth walk: the typed parsers below check every element at its fixed
     # place and refuse anything else at once (the C unpacker bounds recursion itself).
-    value = unpack_bounded(data, max_size=max_size, field="message", max_depth=None, max_container=MAX_BATCH_REQUESTS)
+    value = unpack_bounded(data, max_size=max_size, field="message", max_depth=None, max_container=MAX_BATCH_REQUESTS,
+                           max_elements=MAX_MESSAGE_ELEMENTS)
     if not isinstance(value, list) or len(value) != 6:
         raise DecodeError("message", "expected a 6-element array")
     magic, kind, cluster_id, signer, body, signature = value

@@ -35,7 +35,7 @@ from consensus.evidence import EQUIVOCATION, WRONG_RESULT
 from consensus.keys import KeyRing, NodeKey
 from consensus.messages import (
     BATCHES, BODY, CHECKPOINT, COMMIT, FETCH_BATCHES, FETCH_BODY, FETCH_RESULTS, FETCH_STATE, FETCH_VIEW, RESULTS,
-    MAX_BATCH_BYTES, MAX_BATCHES_PER_REPLY, BodyReply, FetchBody,
+    MAX_BATCH_BYTES, MAX_BATCHES_PER_REPLY, MAX_REPLY_ENTRIES, BodyReply, FetchBody,
     MAX_MESSAGE_BYTES, MAX_REQUEST_ID_CHARS, NEW_VIEW, PRE_PREPARE, PREPARE, REQUEST, RESULT_VOTE, SIGNED_KINDS,
     STATE, VIEW_CHANGE, Batch, BatchesReply, CheckpointVote, Commit, CommittedBatch, FetchBatches, FetchState,
     FetchView, Message, NewView, PreparedCert, PrePrepare, Prepare, RequestMsg, ResultVote, StateReply, ViewChange,
@@ -50,6 +50,10 @@ from consensus.pbft_proofs import (
 from consensus.quorum import VoteSet
 
 MAX_PENDING_REQUESTS = 100_000
+# Requests relayed by one peer that wait here at once, in bytes (and at most
+# MAX_PENDING_REQUESTS / n of them): a Byzantine peer cannot fill our memory or the
+# pending table with requests it relays (honest followers relay what their clients sent).
+RELAYED_BYTES_PER_PEER = 64 << 20
 VIEW_CHANGE_BACKOFF_CAP = 32  # the view-change timeout grows at most to 32x the base
 MAX_VOTE_RETRIES = 5
 LATE_VOTE_PROBES = 2  # times a final batch's vote goes to validators whose votes are missing
@@ -61,9 +65,20 @@ MAX_BODIES_PER_SLOT = 4  # endorsed batches a slot keeps for re-proposals by dig
 MAX_REPLY_BYTES = MAX_MESSAGE_BYTES // 2
 PROBE_INTERVAL_FACTOR = 10  # idle replicas ask a peer for news every 10 x request_timeout_ms
 BEHIND_CLAIM_TTL_FACTOR = 20  # fetching while "behind" gives up after 20 fetch intervals without progress
+# Signed wires that passed verification lately (at most this many, each at most this
+# long): a peer re-sending or replaying the same bytes costs a look-up, not a signature
+# check (~0.1-0.2 ms for ML-DSA-65), so replays cannot buy our CPU.
+VERIFIED_CACHE_ENTRIES = 2048
+VERIFIED_CACHE_MAX_WIRE = 16 << 10
 MAX_VIEW_LEAP = 64  # messages for views further ahead are ignored (bounds memory)
 RESULT_RETENTION_CHECKPOINTS = 2  # keep committed batches this many checkpoints for laggards
 RESULT_RETENTION_BATCHES = 64  # keep certified batch results at least this long (late votes, fetch-results)
+# What answers to one peer's fetch-* asks (state, batches, results, bodies, new-views) may
+# cost us: a byte budget refilled at ANSWER_BYTES_PER_S up to ANSWER_BURST_BYTES. A
+# catching-up peer gets a snapshot and a full reply at once and ~32 MiB/s after; a
+# Byzantine one can no longer buy a gigabyte of replies with 150 tiny asks.
+ANSWER_BYTES_PER_S = MAX_REPLY_BYTES
+ANSWER_BURST_BYTES = MAX_MESSAGE_BYTES + MAX_REPLY_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +130,7 @@ class _Pending:
     stage: int  # 0: forwarded to the leader; 1: broadcast to all (next expiry -> view change)
     local: bool  # submitted to this node (persisted until executed)
     extensions: int = 0  # timer restarts granted because the leader kept making progress
+    origin: str = ""  # the peer that relayed it to us ("" when a client submitted it here)
 
 
 @dataclass(slots=True)
@@ -188,6 +204,8 @@ class Replica:
         self._higher_view_seen: dict[int, set[str]] = {}
         self._next_fetch_view_ms = 0
         self._helped: dict[str, int] = {}
+        self._answer_budget: dict[str, tuple[int, int]] = {}  # peer -> (bytes left, when refilled)
+        self._verified: dict[bytes, None] = {}  # recently verified signed wires, oldest first
         self._vc_answered: dict[str, int] = {}  # peer -> when we last answered its view-change
 
         self._slots: dict[int, Slot] = {}
@@ -206,6 +224,7 @@ class Replica:
             getattr(app, "request_time_ms", None) if config.dedup_window_ms > 0 else None)
         self._in_flight: dict[str, int] = {}
         self._pending: dict[str, _Pending] = {}
+        self._relayed: dict[str, list[int]] = {}  # peer -> [pending requests it relayed, their bytes]
         self._next_seq = 1
         self._queue: dict[str, None] = {}  # unproposed pending ids, arrival order (see _unproposed)
         self._queue_bytes = 0
@@ -365,7 +384,7 @@ class Replica:
         if msg.signer != sender and msg.kind != NEW_VIEW:
             self._count("signer_mismatch")
             return self._flush()
-        if msg.kind in SIGNED_KINDS and not verify(msg, self.keyring, self._cid):
+        if msg.kind in SIGNED_KINDS and not self._signature_holds(msg):
             self._count("bad_signature")
             self._count(f"bad_signature_from/{sender}")
             return self._flush()
@@ -373,6 +392,20 @@ class Replica:
         if handler is not None:
             handler(msg, sender)
         return self._flush()
+
+    def _signature_holds(self, msg: Message) -> bool:
+        """``verify``, skipped for signed bytes that passed it lately (VERIFIED_CACHE_*)."""
+        raw = msg.raw
+        if raw in self._verified:
+            self._count("verified_before")
+            return True
+        if not verify(msg, self.keyring, self._cid):
+            return False
+        if len(raw) <= VERIFIED_CACHE_MAX_WIRE:
+            self._verified[raw] = None
+            if len(self._verified) > VERIFIED_CACHE_ENTRIES:
+                del self._verified[next(iter(self._verified))]
+        return True
 
     def propose(self, now_ms: int) -> list[Action]:
         """Close a due partial batch now. ``submit``/``receive`` only ever propose full
@@ -454,6 +487,27 @@ class Replica:
         self._out.append(Send(wire, to))
         return wire
 
+    def _may_answer(self, peer: str) -> bool:
+        """Whether ``peer``'s fetch budget allows another answer (see ANSWER_BYTES_PER_S).
+        An answer is charged after it is built (``_answer``), so the budget may go below
+        zero by one reply; nothing more goes out until it refills above zero."""
+        left, at = self._answer_budget.get(peer, (ANSWER_BURST_BYTES, self._now))
+        refill = max(0, self._now - at) * ANSWER_BYTES_PER_S // 1000
+        left = min(ANSWER_BURST_BYTES, left + refill)
+        self._answer_budget[peer] = (left, max(at, self._now))
+        if left <= 0:
+            self._count("answers_limited")
+            return False
+        return True
+
+    def _answer(self, answer: Any, peer: str) -> None:
+        """Send an answer to a fetch (a payload, or signed bytes kept from before) and
+        charge it to the peer's budget; call after ``_may_answer``."""
+        wire = answer if isinstance(answer, bytes) else self._wire(answer)
+        self._out.append(Send(wire, peer))
+        left, at = self._answer_budget[peer]
+        self._answer_budget[peer] = (left - len(wire), at)
+
     def _peers(self) -> tuple[str, ...]:
         return tuple(n for n in self.keyring.node_ids if n != self.node_id)
 
@@ -489,14 +543,31 @@ class Replica:
             if len(self._pending) >= MAX_PENDING_REQUESTS:
                 self._count("pending_overflow")
                 return
+            used = self._relayed.setdefault(sender, [0, 0])
+            if used[0] >= MAX_PENDING_REQUESTS // self.keyring.n or used[1] + len(p.request) > RELAYED_BYTES_PER_PEER:
+                self._count("relayed_over_quota")
+                return
+            used[0] += 1
+            used[1] += len(p.request)
             # A relayed request starts our own timer: if the leader does not order it we
             # vote to replace the leader (PBFT's defence against a censoring primary).
-            self._pending[p.request_id] = _Pending(p.request, self._now, self._now + self.config.request_timeout_ms, 1, False)
+            self._pending[p.request_id] = _Pending(p.request, self._now, self._now + self.config.request_timeout_ms, 1, False,
+                                                   origin=sender)
             self._enqueue(p.request_id)
             if not self._in_view_change and not self.is_leader and sender != self.leader:
                 self._send(RequestMsg(p.request_id, p.request), self.leader)
         if self.is_leader:
             self._propose(self._now, partial=False)
+
+    def _drop_pending(self, rid: str) -> _Pending | None:
+        """Forget a pending request (executed, expired or covered by a checkpoint) and
+        give its bytes back to the quota of the peer that relayed it."""
+        pending = self._pending.pop(rid, None)
+        if pending is not None and pending.origin:
+            used = self._relayed[pending.origin]
+            used[0] -= 1
+            used[1] -= len(pending.request)
+        return pending
 
     def _check_request_timers(self, now: int) -> None:
         if self.is_leader:
@@ -960,14 +1031,14 @@ class Replica:
             if rid in self._queue:
                 self._dequeue(rid)
             self._executed[rid] = seq
-            pending = self._pending.pop(rid, None)
+            pending = self._drop_pending(rid)
             if pending is not None and pending.local:
                 deletes.append((f"pending/{rid}", None))
         for rid in expired:
             self._count("expired")
             if rid in self._queue:
                 self._dequeue(rid)
-            pending = self._pending.pop(rid, None)
+            pending = self._drop_pending(rid)
             if pending is not None and pending.local:
                 deletes.append((f"pending/{rid}", None))
                 self._out.append(Rejected(rid, "InvalidRequest", (
@@ -1377,8 +1448,8 @@ class Replica:
 
     def _on_fetch_state(self, msg: Message, sender: str) -> None:
         p: FetchState = msg.payload  # type: ignore[assignment]
-        if self._stable.blob is not None and self._stable.seq >= p.seq:
-            self._send(StateReply(self._stable.seq, self._stable.blob, self._stable.proof), sender)
+        if self._stable.blob is not None and self._stable.seq >= p.seq and self._may_answer(sender):
+            self._answer(StateReply(self._stable.seq, self._stable.blob, self._stable.proof), sender)
 
     def _on_state(self, msg: Message, sender: str) -> None:
         p: StateReply = msg.payload  # type: ignore[assignment]
@@ -1436,8 +1507,8 @@ class Replica:
         self._executed_time = {s: t for s, t in book[3]}
         self._last_progress_ms = self._now
         for rid in [r for r in self._pending if r in self._executed]:
-            pending = self._pending.pop(rid)
-            if pending.local:
+            pending = self._drop_pending(rid)
+            if pending is not None and pending.local:
                 self._out.append(Persist(((f"pending/{rid}", None),)))
         for rid in [r for r, s in self._in_flight.items() if s <= seq]:
             del self._in_flight[rid]
@@ -1448,23 +1519,26 @@ class Replica:
 
     def _on_fetch_batches(self, msg: Message, sender: str) -> None:
         p: FetchBatches = msg.payload  # type: ignore[assignment]
+        if not self._may_answer(sender):
+            return
         start = p.from_seq
         out: list[CommittedBatch] = []
-        size = 0
+        size = entries = 0
         for seq in range(start, min(p.to_seq, start + MAX_BATCHES_PER_REPLY - 1) + 1):
             slot = self._slots.get(seq)
             cert = slot.commit_cert if slot is not None else self._retained.get(seq)
             if cert is None:
                 break
             size += sum(len(r) + len(q) for r, q in cert.requests) + sum(len(w) for w in cert.commits)
-            if out and size > MAX_REPLY_BYTES:
+            entries += len(cert.requests)
+            if out and (size > MAX_REPLY_BYTES or entries > MAX_REPLY_ENTRIES):
                 break  # the asker asks again from where this reply ends
             out.append(cert)
         if not out and start <= self._stable.seq and self._stable.blob is not None:
             # We no longer hold those batches: hand over the checkpoint instead.
-            self._send(StateReply(self._stable.seq, self._stable.blob, self._stable.proof), sender)
+            self._answer(StateReply(self._stable.seq, self._stable.blob, self._stable.proof), sender)
         if out:
-            self._send(BatchesReply(tuple(out)), sender)
+            self._answer(BatchesReply(tuple(out)), sender)
 
     def _on_batches(self, msg: Message, sender: str) -> None:
         p: BatchesReply = msg.payload  # type: ignore[assignment]
@@ -1491,10 +1565,12 @@ class Replica:
 
     def _on_fetch_results(self, msg: Message, sender: str) -> None:
         p: FetchResults = msg.payload  # type: ignore[assignment]
+        if not self._may_answer(sender):
+            return
         out: list[CertifiedResults] = []
-        size = 0
+        size = entries = 0
         for seq in range(p.from_seq, min(p.to_seq, p.from_seq + MAX_BATCHES_PER_REPLY - 1) + 1):
-            if out and size > MAX_REPLY_BYTES:
+            if out and (size > MAX_REPLY_BYTES or entries > MAX_REPLY_ENTRIES):
                 break  # the asker asks again for what is still missing
             br = self._results.get(seq)
             if br is None or br.final_count == 0:
@@ -1505,13 +1581,14 @@ class Replica:
                 else:
                     fv = self._foreign.get(seq)
                     if fv is not None and fv.mine:
-                        self._out.append(Send(fv.mine, sender))
+                        self._answer(fv.mine, sender)
                 continue
             sigs = tuple((n, br.votes[n][1]) for n in self.keyring.node_ids if n in br.votes and br.votes[n][0] == br.root)
             out.append(CertifiedResults(seq, br.view, tuple(zip(br.request_ids, br.request_digests, br.results)), sigs))
             size += sum(len(r) + 32 + len(res) for r, res in zip(br.request_ids, br.results)) + sum(len(x) for _, x in sigs)
+            entries += len(br.request_ids)
         if out:
-            self._send(ResultsReply(tuple(out)), sender)
+            self._answer(ResultsReply(tuple(out)), sender)
 
     def _on_results(self, msg: Message, sender: str) -> None:
         p: ResultsReply = msg.payload  # type: ignore[assignment]
@@ -1631,8 +1708,9 @@ class Replica:
 
     def _on_fetch_view(self, msg: Message, sender: str) -> None:
         p: FetchView = msg.payload  # type: ignore[assignment]
-        if self._new_view_wire is not None and self._view >= p.view and not self._in_view_change:
-            self._out.append(Send(self._new_view_wire, sender))
+        if (self._new_view_wire is not None and self._view >= p.view and not self._in_view_change
+                and self._may_answer(sender)):
+            self._answer(self._new_view_wire, sender)
 
     def _start_view_change(self, target: int) -> None:
         if target <= self._view or (self._in_view_change and target <= self._vc_target):
@@ -1860,10 +1938,10 @@ class Replica:
             return  # below our stable checkpoint: the asker catches up by fetch-batches/state
         served = slot.bodies_served.get(sender, 0)
         body = slot.body(p.digest)
-        if body is None or served >= MAX_BODY_ANSWERS:
+        if body is None or served >= MAX_BODY_ANSWERS or not self._may_answer(sender):
             return  # a few answers per peer and slot: a 40-byte ask must not buy 8 MiB each time
         slot.bodies_served[sender] = served + 1
-        self._send(BodyReply(p.seq, body[0], body[1]), sender)
+        self._answer(BodyReply(p.seq, body[0], body[1]), sender)
 
     def _on_body(self, msg: Message, sender: str) -> None:
         p: BodyReply = msg.payload  # type: ignore[assignment]

@@ -126,6 +126,7 @@ class _PeerLink:
         self.address = address
         self.stats = PeerStats()
         self.queue: deque[tuple[float, bytes]] = deque()
+        self.queued_bytes = 0
         self.protocol: _PeerProtocol | None = None
         self.task: asyncio.Task[None] | None = None
         self.up_since = 0.0  # loop time the current connection came up
@@ -138,10 +139,13 @@ class _PeerLink:
 
     def enqueue(self, data: bytes, now: float) -> None:
         stats = self.stats
-        if stats.state == "down" or len(self.queue) >= self.mesh.max_queue:
-            stats.frames_dropped += 1
+        mesh = self.mesh
+        if (stats.state == "down" or len(self.queue) >= mesh.max_queue
+                or self.queued_bytes + len(data) > mesh.max_queue_bytes):
+            stats.frames_dropped += 1  # consensus re-sends what matters; memory stays bounded
             return
-        self.queue.append((now + self.mesh.delay_ms / 1000.0, data))
+        self.queued_bytes += len(data)
+        self.queue.append((now + mesh.delay_ms / 1000.0, data))
         self.wake()
 
     async def _wait(self, timeout_s: float) -> bool:
@@ -193,6 +197,7 @@ class _PeerLink:
         stats.last_error = reason
         stats.frames_dropped += len(self.queue)
         self.queue.clear()
+        self.queued_bytes = 0
 
     async def _connect(self) -> _PeerProtocol:
         mesh = self.mesh
@@ -249,6 +254,7 @@ class _PeerLink:
             batch: list[bytes] = []
             while queue and queue[0][0] <= now:
                 batch.append(queue.popleft()[1])
+                self.queued_bytes -= len(batch[-1])
             data = encode_frames(batch)
             quic.send_stream_data(stream_id, data)
             self.stats.frames_sent += len(batch)
@@ -280,6 +286,7 @@ class PeerMesh:
         *,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_queue: int = 10_000,
+        max_queue_bytes: int = 128 << 20,
         max_unacked_bytes: int = 16 << 20,
         max_datagram_size: int = 1200,
         idle_timeout_s: float = 30.0,
@@ -297,6 +304,7 @@ class PeerMesh:
         self.delay_ms = delay_ms
         self.max_frame_bytes = max_frame_bytes
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.max_unacked_bytes = max_unacked_bytes
         self.max_datagram_size = max_datagram_size
         self.idle_timeout_s = idle_timeout_s

@@ -5,12 +5,30 @@ from __future__ import annotations
 
 from consensus.actions import Send, ViewChanged
 from consensus.messages import (
-    CertifiedResults, CheckpointVote, FetchResults, PrePrepare, ResultsReply, batch_digest, decode, encode,
+    CertifiedResults, CheckpointVote, FetchResults, FetchState, Prepare, PrePrepare, RequestMsg, ResultsReply, batch_digest, decode, encode,
     encode_signed, preprepare_header_bytes,
 )
 from consensus import replica as replica_module
 from consensus.replica import ReplicaConfig
 from tests.consensus.harness import Cluster
+
+
+class CountingRing:
+    """A key ring that counts signature checks."""
+
+    def __init__(self, ring: object) -> None:
+        self.ring = ring
+        self.checks = 0
+
+    def verify(self, node: str, message: bytes, signature: bytes) -> bool:
+        self.checks += 1
+        return self.ring.verify(node, message, signature)  # type: ignore[attr-defined]
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.ring  # type: ignore[operator]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.ring, name)
 
 
 def test_requests_of_a_replaced_proposal_are_not_stuck_in_flight() -> None:
@@ -69,33 +87,16 @@ def test_an_unsigned_results_reply_buys_at_most_one_check_per_validator() -> Non
     c.submit("node-1", "r0", b"request")
     c.run(2000)
     r2 = c.nodes["node-2"].replica
-    ring = r2.keyring
-
-    class CountingRing:
-        """The key ring, counting signature checks."""
-
-        checks = 0
-
-        def verify(self, node: str, message: bytes, signature: bytes) -> bool:
-            CountingRing.checks += 1
-            return ring.verify(node, message, signature)
-
-        def __contains__(self, node: object) -> bool:
-            return node in ring
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(ring, name)
-
-    r2.keyring = CountingRing()  # type: ignore[assignment]
+    ring = r2.keyring = CountingRing(r2.keyring)  # type: ignore[assignment]
     r2._results.pop(1, None)  # as if node-2 skipped batch 1 and still wants its result
     r2._missing_results[1] = None
     entries = (("r0", b"\x00" * 32, b"result"),)
     repeated = CertifiedResults(1, 0, entries, tuple(("node-0", bytes(64)) for _ in range(4)))
     r2.receive("node-3", encode("test-cluster", "node-3", ResultsReply((repeated,))), c.now)
-    assert CountingRing.checks == 1  # node-0 once, not four times
+    assert ring.checks == 1  # node-0 once, not four times
     too_many = CertifiedResults(1, 0, entries, tuple((f"node-{i % 4}", bytes(64)) for i in range(1024)))
     r2.receive("node-3", encode("test-cluster", "node-3", ResultsReply((too_many,))), c.now)
-    assert CountingRing.checks == 1  # more signatures than validators: refused before any check
+    assert ring.checks == 1  # more signatures than validators: refused before any check
 
 
 def test_genuine_but_unasked_results_are_not_kept() -> None:
@@ -158,3 +159,84 @@ def test_catch_up_replies_stay_within_the_reply_budget(monkeypatch) -> None:
         c.run(100)
     assert restarted.replica.last_executed_seq == top
     assert replies and max(replies) <= 3 and sum(replies) >= top, replies
+
+
+def test_fetch_answers_to_one_peer_are_bounded_by_a_byte_budget(monkeypatch) -> None:
+    """150 tiny fetch-state asks bought 150 snapshots (a gigabyte in a review). Answers to
+    one peer now draw on a byte budget that refills at ANSWER_BYTES_PER_S (here shrunk
+    to about one snapshot per second, with a burst of about ten)."""
+    c = Cluster(4)
+    for i in range(5):
+        c.submit("node-0", f"r{i}", b"request")
+        c.run(500)
+    r0 = c.nodes["node-0"].replica
+    assert r0.stable_checkpoint_seq >= 4
+    snapshot = len(r0._wire(FetchState(0))) + len(r0._stable.blob or b"") + sum(map(len, r0._stable.proof))
+    monkeypatch.setattr(replica_module, "ANSWER_BURST_BYTES", 10 * snapshot)
+    monkeypatch.setattr(replica_module, "ANSWER_BYTES_PER_S", snapshot)
+    key = next(k for k in c.keys if k.node_id == "node-3")
+    ask = encode("test-cluster", "node-3", FetchState(0), key.sign)
+
+    def answers(asks: int) -> int:
+        sent = [a for _ in range(asks) for a in r0.receive("node-3", ask, c.now)
+                if isinstance(a, Send) and a.to == "node-3"]
+        return len(sent)
+
+    burst = answers(150)
+    assert 8 <= burst <= 12, burst
+    c.now += 5_000
+    assert 3 <= answers(150) <= 7
+    assert r0.counters["answers_limited"] >= 150 * 2 - burst - 7
+    # Another peer's budget is its own.
+    other = encode("test-cluster", "node-2", FetchState(0), next(k for k in c.keys if k.node_id == "node-2").sign)
+    assert any(isinstance(a, Send) for a in r0.receive("node-2", other, c.now))
+
+
+def test_requests_one_peer_relays_are_held_within_its_quota(monkeypatch) -> None:
+    """Relayed requests had no quota: one peer could fill the pending table and memory
+    (100,000 requests of 256 KiB). Now each peer's relayed requests that wait here are
+    bounded in bytes (shrunk here to 10 of these requests), and execution frees them."""
+    c = Cluster(4)
+    request = b"r" * 1000
+    monkeypatch.setattr(replica_module, "RELAYED_BYTES_PER_PEER", 10 * len(request))
+    r1 = c.nodes["node-1"].replica  # a follower: keeps relayed requests pending until executed
+    key3 = next(k for k in c.keys if k.node_id == "node-3")
+    key2 = next(k for k in c.keys if k.node_id == "node-2")
+    c.drop = lambda src, dst, data: True  # nothing moves: what node-1 holds stays pending
+    for i in range(30):
+        r1.receive("node-3", encode("test-cluster", "node-3", RequestMsg(f"x{i}", request), key3.sign), c.now)
+    assert sum(p.origin == "node-3" for p in r1._pending.values()) == 10
+    assert r1.counters["relayed_over_quota"] == 20
+    # Another peer's quota is its own.
+    r1.receive("node-2", encode("test-cluster", "node-2", RequestMsg("y0", request), key2.sign), c.now)
+    assert "y0" in r1._pending
+    # Once the cluster orders them, the quota is free again.
+    c.drop = lambda src, dst, data: False
+    for i in range(10):
+        c.submit("node-0", f"x{i}", request)
+    c.run(3000)
+    assert not any(p.origin == "node-3" for p in r1._pending.values())
+    assert r1._relayed["node-3"] == [0, 0]
+    r1.receive("node-3", encode("test-cluster", "node-3", RequestMsg("x-late", request), key3.sign), c.now)
+    assert "x-late" in r1._pending
+
+
+def test_a_replayed_signed_message_is_not_verified_again() -> None:
+    """A peer re-sending the same signed prepare a thousand times made us check its
+    signature a thousand times. Recently verified wires are now remembered; a wire that
+    differs in one byte is still checked (and refused)."""
+    c = Cluster(4)
+    c.submit("node-0", "r0", b"request")
+    c.run(2000)
+    r1 = c.nodes["node-1"].replica
+    ring = r1.keyring = CountingRing(r1.keyring)  # type: ignore[assignment]
+    key2 = next(k for k in c.keys if k.node_id == "node-2")
+    seq = r1.last_executed_seq + 5
+    wire = encode("test-cluster", "node-2", Prepare(0, seq, b"\x01" * 32, c.now, b""), key2.sign)
+    for _ in range(1000):
+        r1.receive("node-2", wire, c.now)
+    assert ring.checks == 1
+    assert r1.counters["verified_before"] == 999
+    forged = wire[:-1] + bytes([wire[-1] ^ 1])
+    r1.receive("node-2", forged, c.now)
+    assert ring.checks == 2 and r1.counters["bad_signature"] == 1

@@ -57,3 +57,38 @@ def test_every_message_kind_survives_mutation() -> None:
             replica.receive("node-1", data, 0)  # must not raise, whatever the bytes
     # Both paths were exercised: most mutations are refused, some still parse.
     assert outcomes["refused"] > 1000 and outcomes["decoded"] > 50, outcomes
+
+
+def _frame(kind: str, body: bytes) -> bytes:
+    import msgpack
+    return b"\x96" + msgpack.packb("hm/1") + msgpack.packb(kind) + msgpack.packb(CID) + msgpack.packb("node-1") + body + b"\xc4\x00"
+
+
+def test_a_frame_of_nested_empty_containers_is_refused_by_its_element_count() -> None:
+    """Bytes alone allow one container per byte: 60 MiB of nested empty arrays took 30 s
+    and 4.4 GB to decode. The decoder now stops once all containers together hold more
+    elements than any honest message can."""
+    from consensus.messages import MAX_MESSAGE_ELEMENTS
+    inner = b"\xdc\x10\x00" + b"\x90" * 4096  # an array of 4096 empty arrays
+    count = MAX_MESSAGE_ELEMENTS // 4096 + 2
+    body = b"\xdc" + count.to_bytes(2, "big") + inner * count
+    try:
+        decode(_frame("state", body))
+    except DecodeError as exc:
+        assert "too many elements" in str(exc), exc
+    else:
+        raise AssertionError("a frame of nested empty arrays decoded")
+
+
+def test_the_largest_honest_reply_fits_the_element_budget() -> None:
+    """A results reply stops adding batches past MAX_REPLY_ENTRIES, so it holds at most one
+    more full batch: that must still decode (and is its own encoding)."""
+    from consensus.messages import MAX_BATCH_REQUESTS, MAX_REPLY_ENTRIES
+    c = Cluster(4)
+    batches = (MAX_REPLY_ENTRIES + MAX_BATCH_REQUESTS) // MAX_BATCH_REQUESTS
+    reply = ResultsReply(tuple(
+        CertifiedResults(s + 1, 0, tuple((f"r{s}-{i}", bytes(32), b"") for i in range(MAX_BATCH_REQUESTS)),
+                         tuple((f"node-{k}", b"s") for k in range(4)))
+        for s in range(batches)))
+    wire = encode(CID, "node-1", reply, c.keys[1].sign)
+    assert len(decode(wire).payload.batches) == batches  # type: ignore[attr-defined]

@@ -153,6 +153,33 @@ def test_send_to_a_down_peer_drops_and_counts(pki: Pki) -> None:
     run(body())
 
 
+def test_the_send_queue_to_a_peer_is_bounded_in_bytes(pki: Pki) -> None:
+    """A frame count alone let 150 replies of 8 MiB wait for one slow peer: the queue now
+    also stops at max_queue_bytes, and frees its bytes as frames go out."""
+    async def body() -> None:
+        nodes = await _cluster(pki, 2, max_queue_bytes=1_000_000)
+        try:
+            assert await _all_connected(nodes)
+            sender = nodes[0].mesh
+            assert sender is not None
+            link = sender._links["node-1"]
+            sender.delay_ms = 300  # frames wait in the queue for 300 ms
+            frames = [bytes([i]) * 100_000 for i in range(30)]
+            for frame in frames:
+                sender.send("node-1", frame)
+            assert link.queued_bytes <= 1_000_000
+            assert sender.stats().peers["node-1"].frames_dropped == 20
+            assert await wait_until(lambda: sum(s == "node-0" for s, _ in nodes[1].inbox) == 10, 5.0)
+            assert link.queued_bytes == 0
+            sender.send("node-1", b"after")
+            assert await wait_until(lambda: nodes[1].got("node-0", b"after"), 5.0)
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    run(body())
+
+
 def test_peer_with_certificate_from_another_ca_is_rejected(pki: Pki, other_pki: Pki) -> None:
     async def body() -> None:
         honest = Node("node-0", pki.tls("node-0"))
