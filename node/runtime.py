@@ -26,6 +26,7 @@ from consensus.actions import (
     ViewChanged,
 )
 from consensus.codec import DecodeError
+from consensus.evidence import EQUIVOCATION, WRONG_RESULT
 from consensus.replica import Replica, ReplicaConfig
 from consensus.validation import ValidationApp, decode_outcome
 from transport.envelope import ApiError, ErrorCode
@@ -75,6 +76,9 @@ class ReplicaDriver:
     ) -> None:
         self.store = store
         self.metrics = metrics
+        for node_id in keyring.node_ids:  # every series exists from 0: alerts on increase() see the first offence
+            for kind in (EQUIVOCATION, WRONG_RESULT):
+                metrics.evidence.labels(node_id, kind)
         self._send = send
         self.n = len(keyring.node_ids)
         self._pool_size = 2

@@ -20,7 +20,7 @@ from opentelemetry import trace
 from consensus.codec import DecodeError
 from consensus.crypto import backend
 from consensus.validation import decode_outcome, parse_request
-from transport.envelope import ApiError, ErrorCode
+from transport.envelope import DEFAULT_MAX_ENVELOPE_BYTES, ApiError, ErrorCode
 
 from .cache import ResultCache
 from .metrics import NodeMetrics
@@ -32,6 +32,7 @@ log = logging.getLogger("hypermesh.service")
 
 VERSION = "0.1.0"
 SERVICE_NAME = "hypermesh-consensus"
+EVIDENCE_REPLY_BYTES = DEFAULT_MAX_ENVELOPE_BYTES // 2  # evidence messages per consensus/evidence reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +295,7 @@ class ValidationService:
     async def evidence(self, payload: Any, ctx: Any) -> dict[str, Any]:
         accused = None
         limit = 100
+        before_id: int | None = None
         if isinstance(payload, dict):
             if payload.get("accused") is not None:
                 if not isinstance(payload["accused"], str):
@@ -303,17 +305,27 @@ class ValidationService:
                 if type(payload["limit"]) is not int or not 0 < payload["limit"] <= 1000:  # bool is an int
                     raise ApiError(ErrorCode.InvalidRequest, "limit: must be an integer 1..1000")
                 limit = payload["limit"]
-        records = self.driver.store.list_evidence(accused, limit)
+            if payload.get("before_id") is not None:
+                if type(payload["before_id"]) is not int or payload["before_id"] < 1:
+                    raise ApiError(ErrorCode.InvalidRequest, "before_id: must be a positive integer (an evidence id)")
+                before_id = payload["before_id"]
+        records = self.driver.store.list_evidence(accused, limit + 1, before_id)
+        entries: list[dict[str, Any]] = []
+        size = 0
+        for r in records[:limit]:
+            size += sum(map(len, r.messages)) + len(r.detail) + 256
+            if entries and size > EVIDENCE_REPLY_BYTES:
+                break  # the reply must fit one envelope: the caller pages on with before_id
+            entries.append({
+                "id": r.id, "accused": r.accused, "kind": r.kind, "seq": r.seq, "view": r.view,
+                "messages": r.messages, "detail": r.detail, "recorded_at": r.recorded_at,
+            })
+        more = len(entries) < len(records)
         return {
             "node_id": self.node_id,
             "counts": self.driver.store.evidence_counts(),
-            "evidence": [
-                {
-                    "id": r.id, "accused": r.accused, "kind": r.kind, "seq": r.seq, "view": r.view,
-                    "messages": r.messages, "detail": r.detail, "recorded_at": r.recorded_at,
-                }
-                for r in records
-            ],
+            "evidence": entries,
+            "next_before_id": entries[-1]["id"] if more else None,
         }
 
 

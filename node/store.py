@@ -179,6 +179,7 @@ SAFETY_NET_PAGES = 16384  # 256 MB of WAL with 16 KB pages
 # 450 requests/s was that one COMMIT).
 WAL_SIZE_LIMIT = 64 << 20
 IDLE_ROUNDS_BEFORE_TRUNCATE = 10  # 2 s at the default interval
+MAX_EVIDENCE_PER_KIND = 1000  # offences stored per accused node and kind (see add_evidence)
 AUDIT_KEEP_ROWS = 1_000_000  # newest audit rows kept (~100 MB; 17 min at 1,000 calls/s)
 
 
@@ -436,8 +437,15 @@ class Store:
     # -- evidence and audit -----------------------------------------------------------
 
     def add_evidence(self, accused: str, kind: str, seq: int, view: int, messages: list[bytes], detail: str) -> bool:
-        """True when this is new evidence (the same offence is stored once)."""
+        """True when this is new evidence and was stored. The same offence is stored once,
+        and at most MAX_EVIDENCE_PER_KIND offences of one kind per accused node: a
+        Byzantine node can commit one per slot forever, and its first thousand prove the
+        point as well as its millionth (the caller still counts the rest)."""
         with self.transaction():
+            (held,) = self._db.execute(
+                "SELECT COUNT(*) FROM evidence WHERE accused = ? AND kind = ?", (accused, kind)).fetchone()
+            if held >= MAX_EVIDENCE_PER_KIND:
+                return False
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO evidence (accused, kind, seq, view, messages, detail, recorded_at)"
                 " VALUES (?,?,?,?,?,?,?)",
@@ -445,12 +453,16 @@ class Store:
             )
             return cursor.rowcount > 0
 
-    def list_evidence(self, accused: str | None = None, limit: int = 100) -> list[EvidenceRecord]:
-        query = "SELECT id, accused, kind, seq, view, messages, detail, recorded_at FROM evidence"
+    def list_evidence(self, accused: str | None = None, limit: int = 100, before_id: int | None = None) -> list[EvidenceRecord]:
+        """Newest first; ``before_id`` pages on to older records."""
+        query = "SELECT id, accused, kind, seq, view, messages, detail, recorded_at FROM evidence WHERE 1"
         args: tuple[object, ...] = ()
         if accused is not None:
-            query += " WHERE accused = ?"
+            query += " AND accused = ?"
             args = (accused,)
+        if before_id is not None:
+            query += " AND id < ?"
+            args = (*args, before_id)
         query += " ORDER BY id DESC LIMIT ?"
         rows = self._db.execute(query, (*args, limit)).fetchall()
         return [

@@ -44,3 +44,24 @@ def test_a_message_the_mesh_refuses_does_not_drop_the_rest_of_the_pass(tmp_path:
 
     asyncio.run(body())
     assert refused  # the pre-prepare and the result vote were offered to the mesh, and refused
+
+
+def test_the_evidence_metric_exists_at_zero_for_every_validator(tmp_path: Path) -> None:
+    """``increase(hypermesh_byzantine_evidence_total[5m])`` cannot see a series that
+    appears with its first offence already counted: every validator's series starts at 0."""
+    manifest = init_cluster(tmp_path / "cluster", InitOptions(nodes=4, signing_scheme="Ed25519"))
+    store = Store(tmp_path / "node.db")
+    metrics = NodeMetrics()
+    try:
+        ReplicaDriver(
+            replica_config=ReplicaConfig(cluster_id=manifest.cluster_id), key=load_node_key(manifest, "node-1"),
+            keyring=manifest.keyring(), params=manifest.validation_params(),
+            kem_private_key=load_kem_private_key(manifest, "node-1"), store=store, metrics=metrics,
+            send=lambda to, payload: None,
+        )
+        for node_id in manifest.keyring().node_ids:
+            for kind in ("equivocation", "wrong-result"):
+                labels = {"accused": node_id, "kind": kind}
+                assert metrics.registry.get_sample_value("hypermesh_byzantine_evidence_total", labels) == 0.0, labels
+    finally:
+        store.close()

@@ -292,3 +292,30 @@ def test_the_evidence_limit_must_be_a_real_integer(service: ValidationService) -
     for bad in (True, 0, 1001, "5", 2.0):
         with pytest.raises(ApiError, match="limit: must be an integer 1..1000"):
             asyncio.run(ask(bad))
+
+
+def test_an_evidence_reply_fits_one_envelope_and_pages_on(service: ValidationService) -> None:
+    """1000 rows of 14 KB of signed messages made a reply far past the 1 MiB envelope
+    limit: the caller got a SerializationError instead of evidence. A reply now stops at
+    EVIDENCE_REPLY_BYTES and names where to continue."""
+    from transport.envelope import Response, encode_response
+    store = service.driver.store
+    for seq in range(200):
+        assert store.add_evidence("node-3", "wrong-result", seq, 0, [bytes([seq % 256]) * 14_000], "")
+
+    def ask(payload: dict[str, Any]) -> dict[str, Any]:
+        return asyncio.run(service.evidence(payload, _Ctx()))
+
+    seen: list[int] = []
+    payload: dict[str, Any] = {"limit": 1000}
+    for _ in range(10):
+        reply = ask(payload)
+        encode_response(Response.success("e", reply))  # raises past the envelope limit
+        seen += [e["id"] for e in reply["evidence"]]
+        if reply["next_before_id"] is None:
+            break
+        payload = {"limit": 1000, "before_id": reply["next_before_id"]}
+    assert len(seen) == len(set(seen)) == 200 and seen == sorted(seen, reverse=True)
+    assert len(ask({"limit": 5})["evidence"]) == 5 and ask({"limit": 5})["next_before_id"] is not None
+    with pytest.raises(ApiError, match="before_id: must be a positive integer"):
+        ask({"before_id": True})

@@ -12,6 +12,7 @@ import pytest
 
 from node.cache import ResultCache
 from node.store import PendingRequest, Store, StoredResult
+from node import store as store_module
 
 
 def _result(request_id: str, agreeing: int = 3, seq: int = 1, index: int = 0) -> StoredResult:
@@ -87,6 +88,22 @@ def test_evidence_is_stored_once_per_offence(tmp_path: Path) -> None:
     records = store.list_evidence("node-3")
     assert {r.kind for r in records} == {"equivocation", "wrong-result"}
     assert records[-1].messages == [b"m1", b"m2"]
+
+
+def test_evidence_of_one_kind_against_one_node_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Byzantine node can equivocate at every slot forever: each offence was a new row.
+    Past MAX_EVIDENCE_PER_KIND (shrunk to 3 here) of one kind, more are not stored."""
+    monkeypatch.setattr(store_module, "MAX_EVIDENCE_PER_KIND", 3)
+    store = Store(tmp_path / "node.db")
+    stored = [store.add_evidence("node-3", "equivocation", seq, 0, [b"m" * 100], "") for seq in range(10)]
+    assert stored == [True] * 3 + [False] * 7
+    assert store.add_evidence("node-3", "wrong-result", 1, 0, [b"r"], "")  # another kind
+    assert store.add_evidence("node-2", "equivocation", 1, 0, [b"e"], "")  # another node
+    assert store.evidence_counts() == {"node-3": 4, "node-2": 1}
+    newest = store.list_evidence("node-3", limit=2)
+    older = store.list_evidence("node-3", limit=10, before_id=newest[-1].id)
+    assert [r.id for r in newest + older] == sorted((r.id for r in store.list_evidence("node-3")), reverse=True)
+    assert len(older) == 2
 
 
 def test_committed_writes_survive_kill_9(tmp_path: Path) -> None:
