@@ -206,6 +206,7 @@ class Replica:
         self._helped: dict[str, int] = {}
         self._answer_budget: dict[str, tuple[int, int]] = {}  # peer -> (bytes left, when refilled)
         self._verified: dict[bytes, None] = {}  # recently verified signed wires, oldest first
+        self._wall_offset_ms = 0  # wall clock minus now_ms (see set_wall_offset)
         self._vc_answered: dict[str, int] = {}  # peer -> when we last answered its view-change
 
         self._slots: dict[int, Slot] = {}
@@ -392,6 +393,14 @@ class Replica:
         if handler is not None:
             handler(msg, sender)
         return self._flush()
+
+    def set_wall_offset(self, offset_ms: int) -> None:
+        """Timers run on the ``now_ms`` each call passes; agreed times are wall-clock
+        times (time proofs are checked against them). A driver that passes a steady
+        clock, so that a stepped wall clock neither stalls timers nor fires them early,
+        says here how far the wall clock is from it. 0 (the default): ``now_ms`` is the
+        wall clock."""
+        self._wall_offset_ms = offset_ms
 
     def _signature_holds(self, msg: Message) -> bool:
         """``verify``, skipped for signed bytes that passed it lately (VERIFIED_CACHE_*)."""
@@ -666,7 +675,7 @@ class Replica:
             seq = self._next_seq
             prev = self._slots.get(seq - 1)
             prev_time = prev.agreed_time_ms if prev is not None and prev.has_batch else self._last_time_ms
-            agreed = max(prev_time + 1, now)
+            agreed = max(prev_time + 1, now + self._wall_offset_ms)
             requests = tuple(batch)
             pp = PrePrepare(self._view, seq, agreed, requests, batch_digest(agreed, requests))
             if not self._may_vote(PRE_PREPARE, seq, self._view, pp.digest):
@@ -854,7 +863,7 @@ class Replica:
             return
         prev = self._slots.get(pp.seq - 1)
         prev_time = prev.agreed_time_ms if prev is not None and prev.has_batch and prev.requests else self._last_time_ms
-        if pp.agreed_time_ms < prev_time or abs(pp.agreed_time_ms - self._now) > cfg.max_clock_skew_ms:
+        if pp.agreed_time_ms < prev_time or abs(pp.agreed_time_ms - (self._now + self._wall_offset_ms)) > cfg.max_clock_skew_ms:
             self._count("bad_time")
             return
         self._accept_batch(pp.seq, pp.view, pp.agreed_time_ms, pp.requests, pp.digest, msg.signature)

@@ -37,8 +37,24 @@ from .store import PendingRequest, Store, StoredResult, StoreError
 log = logging.getLogger("hypermesh.node")
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+CLOCK_STEP_MS = 1000  # a change of the wall clock's offset this large is a step, not drift
+
+
+class SteadyClock:
+    """Milliseconds that follow the monotonic clock, starting at the wall clock's value.
+    The replica's timers run on it, so a stepped wall clock (NTP, an operator) neither
+    stalls them for the size of a step back nor fires them all at once on a step forward.
+    Agreed times still follow the wall clock: ``wall_offset_ms`` says how far it is."""
+
+    def __init__(self) -> None:
+        self._base_ns = time.time_ns() - time.monotonic_ns()
+
+    def now_ms(self) -> int:
+        return (self._base_ns + time.monotonic_ns()) // 1_000_000
+
+    @staticmethod
+    def wall_offset_ms(now: int) -> int:
+        return time.time_ns() // 1_000_000 - now
 
 
 class NodeStopping(Exception):
@@ -76,6 +92,8 @@ class ReplicaDriver:
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self._clock = SteadyClock()
+        self._wall_offset_ms = 0
         for node_id in keyring.node_ids:  # every series exists from 0: alerts on increase() see the first offence
             for kind in (EQUIVOCATION, WRONG_RESULT):
                 metrics.evidence.labels(node_id, kind)
@@ -86,7 +104,8 @@ class ReplicaDriver:
         self.app = ValidationApp(params, kem_private_key, precheck_runner=self._run_prechecks,
                                  background=self._pool.submit)
         try:
-            replica: Any = Replica(replica_config, key, keyring, self.app, durable=store.load_records(), now_ms=now_ms())
+            replica: Any = Replica(replica_config, key, keyring, self.app, durable=store.load_records(),
+                                    now_ms=self._clock.now_ms())
         except DecodeError as exc:  # our own records do not decode or do not verify: refuse to run on them
             raise StoreError(f"the consensus records in {store.path} are damaged ({exc}); in a cluster, move this "
                              "node's data directory aside and start it empty: it catches up from its peers") from exc
@@ -95,6 +114,7 @@ class ReplicaDriver:
 
             replica = ByzantineReplica(replica, byzantine, key, keyring, rng_seed=int.from_bytes(key.public_key[:4], "big"))
         self.replica = replica
+        self._now()  # the wall clock's offset, before anything is proposed
         self.tick_interval_s = tick_interval_s
         self._waiters: dict[str, list[Waiter]] = {}
         self._out_pending: list[PendingRequest] = []
@@ -143,7 +163,7 @@ class ReplicaDriver:
             await asyncio.sleep(self.tick_interval_s)
             self.metrics.loop_lag.observe(max(0.0, time.monotonic() - woke_due))
             try:
-                self._apply(self.replica.tick(now_ms()))
+                self._apply(self.replica.tick(self._now()))
                 self._update_gauges()
                 if time.monotonic() - self._last_audit_flush > 0.5:
                     self.store.flush_audit()
@@ -156,9 +176,22 @@ class ReplicaDriver:
     def on_peer_message(self, sender: str, data: bytes) -> None:
         self.metrics.peer_frames_in.inc()
         try:
-            self._apply(self.replica.receive(sender, data, now_ms()))
+            self._apply(self.replica.receive(sender, data, self._now()))
         except Exception:
             log.exception("replica failed on a message from %s", sender)
+
+    def _now(self) -> int:
+        """The steady time for the replica's timers; tells it the wall clock's offset."""
+        now = self._clock.now_ms()
+        offset = self._clock.wall_offset_ms(now)
+        if abs(offset - self._wall_offset_ms) > CLOCK_STEP_MS:
+            self.metrics.clock_steps.inc()
+            log.warning("the wall clock stepped by %+d ms: timers are unaffected, agreed times follow the wall clock",
+                        offset - self._wall_offset_ms)
+        if offset != self._wall_offset_ms:
+            self._wall_offset_ms = offset
+            self.replica.set_wall_offset(offset)
+        return now
 
     def submit(self, request_id: str, request_digest: bytes, kind: str, request: bytes) -> asyncio.Future[StoredResult]:
         """Accept a client request: durable as pending first, then ordered."""
@@ -171,7 +204,7 @@ class ReplicaDriver:
         # The request bytes themselves are persisted once, by the replica (pending/<id>);
         # this row only lets validation_status answer Pending and check the digest.
         self._out_pending.append(PendingRequest(request_id, request_digest, kind, b""))
-        self._apply(self.replica.submit(request_id, request, now_ms()))
+        self._apply(self.replica.submit(request_id, request, self._now()))
         return future
 
     async def wait_for_votes(self, stored: StoredResult, grace_s: float) -> StoredResult:
@@ -267,7 +300,7 @@ class ReplicaDriver:
         if self.failed is not None:
             return  # fail-stop: nothing more is written, sent or answered
         # Every request that arrived in this pass is queued now: close a partial batch.
-        self._apply(self.replica.propose(now_ms()), schedule=False)
+        self._apply(self.replica.propose(self._now()), schedule=False)
         pending, self._out_pending = self._out_pending, []
         records, self._out_records = self._out_records, []
         sends, self._out_sends = self._out_sends, []
@@ -332,15 +365,15 @@ class ReplicaDriver:
             self._batch_timer.cancel()
             self._batch_timer = self._batch_timer_at = None
         if deadline is not None:
-            # now_ms() truncates to whole ms: half a ms more, so the timer never fires early.
-            delay = max(0, deadline - now_ms()) / 1000 + 0.0005
+            # now_ms truncates to whole ms: half a ms more, so the timer never fires early.
+            delay = max(0, deadline - self._clock.now_ms()) / 1000 + 0.0005
             self._batch_timer_at = deadline
             self._batch_timer = asyncio.get_running_loop().call_later(delay, self._on_batch_timer)
 
     def _on_batch_timer(self) -> None:
         self._batch_timer = self._batch_timer_at = None
         try:
-            self._apply(self.replica.propose(now_ms()))
+            self._apply(self.replica.propose(self._now()))
             self._arm_batch_timer()
         except Exception:
             log.exception("proposing a due batch failed")

@@ -593,3 +593,21 @@ def test_re_sends_start_again_from_the_base_delay_in_a_new_view() -> None:
     while not any(a.seq == 1 for a in c.nodes["node-2"].of(Committed)) and c.now < start + 60_000:
         c.run(10)
     assert c.now - start <= 100 + 2 * replica._retry_delay()
+
+
+def test_agreed_times_follow_the_wall_clock_while_timers_run_on_now() -> None:
+    """The node passes a steady clock as ``now`` (timers must not jump when the wall
+    clock is stepped) and the wall clock's offset from it: the leader proposes wall-clock
+    times, and a follower checks them against its own wall clock."""
+    c = Cluster(4)
+    wall = 1_700_000_000_000
+    for node in c.nodes.values():
+        node.replica.set_wall_offset(wall)
+    c.nodes["node-3"].replica.set_wall_offset(wall + 3_600_000)  # node-3's wall clock is an hour ahead
+    c.submit("node-0", "a", b"a")
+    c.run(500)
+    r0 = c.nodes["node-0"].replica
+    assert r0.last_executed_seq == 1
+    assert wall <= r0._last_time_ms <= wall + c.now
+    assert c.nodes["node-3"].replica.counters.get("bad_time", 0) >= 1
+    assert c.nodes["node-1"].replica.counters.get("bad_time", 0) == 0

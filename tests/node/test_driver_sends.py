@@ -65,3 +65,49 @@ def test_the_evidence_metric_exists_at_zero_for_every_validator(tmp_path: Path) 
                 assert metrics.registry.get_sample_value("hypermesh_byzantine_evidence_total", labels) == 0.0, labels
     finally:
         store.close()
+
+
+def test_a_stepped_wall_clock_moves_agreed_times_but_not_timers(tmp_path: Path, monkeypatch) -> None:
+    """A wall clock stepped back an hour (NTP, an operator) stalled every replica timer
+    for that hour, and a step forward fired them all at once. The driver's timers now run
+    on a steady clock; agreed times follow the wall clock, and the step is counted."""
+    import time as time_module
+
+    from node.runtime import SteadyClock
+
+    manifest = init_cluster(tmp_path / "cluster", InitOptions(nodes=1, signing_scheme="Ed25519"))
+    clock = SteadyClock()
+    before = clock.now_ms()
+    real_time_ns, real_time = time_module.time_ns, time_module.time
+    hour_ns = 3_600 * 10**9
+    monkeypatch.setattr(time_module, "time_ns", lambda: real_time_ns() - hour_ns)
+    monkeypatch.setattr(time_module, "time", lambda: real_time() - 3_600)
+    after = clock.now_ms()
+    assert 0 <= after - before < 60_000  # the steady clock did not step back
+    assert abs(clock.wall_offset_ms(after) + 3_600_000) < 60_000
+
+    async def body() -> None:
+        store = Store(tmp_path / "node.db")
+        metrics = NodeMetrics()
+        driver = ReplicaDriver(
+            replica_config=ReplicaConfig(cluster_id=manifest.cluster_id), key=load_node_key(manifest, "node-1"),
+            keyring=manifest.keyring(), params=manifest.validation_params(),
+            kem_private_key=load_kem_private_key(manifest, "node-1"), store=store, metrics=metrics,
+            send=lambda to, payload: None,
+        )
+        await driver.start()
+        try:
+            # The driver started an hour "ago" by the wall clock; now it is stepped forward.
+            monkeypatch.setattr(time_module, "time_ns", real_time_ns)
+            monkeypatch.setattr(time_module, "time", real_time)
+            payload = ProofFactory(manifest.validation_params()).proofs("req-step")
+            request = parse_request("proofs", payload)
+            result = await asyncio.wait_for(driver.submit(request.request_id, request.digest, "proofs", request.encode()), 30)
+            assert result.status == "Valid"  # proofs made at the new wall time check against it
+            assert metrics.registry.get_sample_value("hypermesh_wall_clock_steps_total") == 1.0
+            assert abs(driver._wall_offset_ms - 3_600_000) < 60_000
+        finally:
+            await driver.stop()
+            store.close()
+
+    asyncio.run(body())

@@ -17,7 +17,7 @@ from transport.envelope import ApiError, ErrorCode
 from consensus.actions import Final, ResultCertificate
 from consensus.validation import Outcome
 from node.metrics import NodeMetrics
-from node.runtime import NotAccepted, ReplicaDriver
+from node.runtime import NotAccepted, ReplicaDriver, SteadyClock
 from node.service import ServiceLimits, ValidationService, wrap_handler
 from node.store import Store
 
@@ -42,6 +42,9 @@ class _Replica:
 
     def propose(self, now: int) -> list[Any]:
         return []
+
+    def set_wall_offset(self, offset_ms: int) -> None:
+        pass
 
     def batch_deadline_ms(self) -> None:
         return None
@@ -68,6 +71,7 @@ def _driver(store: Store, metrics: NodeMetrics) -> ReplicaDriver:
     driver._out_pending, driver._out_records, driver._out_sends, driver._out_finals, driver._out_answers = [], [], [], [], []
     driver._flush_scheduled, driver._batch_timer, driver._batch_timer_at = False, None, None
     driver.failed, driver.on_fatal = None, None
+    driver._clock, driver._wall_offset_ms = SteadyClock(), 0
     return driver
 
 
