@@ -103,6 +103,9 @@ class Limits:
     # Request bytes a connection may have in flight on unfinished streams, in all (one
     # stream alone may reach max_envelope_bytes; 128 of them would be 128 MiB).
     max_buffered_request_bytes: int = 4 * DEFAULT_MAX_ENVELOPE_BYTES
+    # The same, for all connections together: 1,024 connections of 4 MiB each would be
+    # 4 GiB that anyone able to open connections could make the server hold.
+    max_total_buffered_request_bytes: int = 64 * DEFAULT_MAX_ENVELOPE_BYTES
     # 1200 is the QUIC minimum; on loopback 9000 cuts per-packet cost a lot (FACTS.md).
     max_datagram_size: int = 1200
 
@@ -161,6 +164,7 @@ class _ServerProtocol(CoalescingProtocol):
         self._issued: list[SessionTicket] = []
         self._held: list[events.QuicEvent] = []
         self._streams: dict[int, bytearray] = {}  # request bytes received so far, until FIN
+        self._buffered = 0  # bytes in self._streams, also counted in the server's total
         # Streams refused as oversized before their FIN: the rest of their bytes is
         # ignored. An id leaves at FIN or reset; until then aioquic holds the stream
         # open, so stream credit (max_streams_per_connection) bounds this set.
@@ -226,6 +230,7 @@ class _ServerProtocol(CoalescingProtocol):
             self._handshake_deadline.cancel()
             self._closed_flag = True
             self._forget_peer_link()
+            self._unbuffer(self._buffered)
             self._streams.clear()
             self._refused.clear()
             self._decoders.clear()
@@ -245,7 +250,7 @@ class _ServerProtocol(CoalescingProtocol):
             else:
                 self._api_data(event)
         elif isinstance(event, events.StreamReset):
-            self._streams.pop(event.stream_id, None)
+            self._unbuffer(len(self._streams.pop(event.stream_id, b"")))
             self._refused.discard(event.stream_id)
             self._decoders.pop(event.stream_id, None)
 
@@ -337,17 +342,23 @@ class _ServerProtocol(CoalescingProtocol):
             return
         buffer = self._streams.setdefault(stream_id, bytearray())
         buffer += event.data
+        self._buffered += len(event.data)
+        self._server.buffered_request_bytes += len(event.data)
         limits = self._server.limits
         limit = limits.max_envelope_bytes
         error: ApiError | None = None
         if len(buffer) > limit:
             error = ApiError(ErrorCode.InvalidRequest, f"envelope: request exceeds the limit of {limit} bytes")
-        elif not event.end_stream and event.data and \
-                sum(map(len, self._streams.values())) > limits.max_buffered_request_bytes:
+        elif not event.end_stream and event.data and self._buffered > limits.max_buffered_request_bytes:
             error = ApiError(ErrorCode.Overloaded, f"more than {limits.max_buffered_request_bytes} bytes of unfinished "
                              "requests on this connection; send each request whole before starting many more")
+        elif not event.end_stream and event.data and \
+                self._server.buffered_request_bytes > limits.max_total_buffered_request_bytes:
+            error = ApiError(ErrorCode.Overloaded, "the server holds too many unfinished requests of all its "
+                             "clients; try again shortly, or another node")
         if error is not None:
             del self._streams[stream_id]
+            self._unbuffer(len(buffer))
             if not event.end_stream:
                 self._refused.add(stream_id)
             self._server._count(error.code)
@@ -360,7 +371,12 @@ class _ServerProtocol(CoalescingProtocol):
             return
         if event.end_stream:
             del self._streams[stream_id]
+            self._unbuffer(len(buffer))
             self._server._spawn(self._handle(stream_id, bytes(buffer)))
+
+    def _unbuffer(self, size: int) -> None:
+        self._buffered -= size
+        self._server.buffered_request_bytes -= size
 
     async def _handle(self, stream_id: int, data: bytes) -> None:
         response = await self._server._answer(data, self)
@@ -522,6 +538,7 @@ class StoqServer:
         self.peer_members = frozenset(peer_members) if peer_members is not None else None
         self.tickets = ticket_store if ticket_store is not None else SessionTicketStore()
         self.stats = ServerStats()
+        self.buffered_request_bytes = 0  # unfinished request bytes of all connections
         self._endpoint: _Endpoint | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         alpns = [ALPN_API] + ([ALPN_PEER] if peer_frame_handler is not None else [])

@@ -105,3 +105,51 @@ def test_unfinished_requests_on_one_connection_are_bounded_in_all(pki: Pki) -> N
                 await client.close()
 
     run(body())
+
+
+async def _unfinished(protocol: object, size: int) -> "object":
+    """Open a request stream and send ``size`` bytes of it without finishing it; the
+    future gets the server's answer if it sends one."""
+    import asyncio
+
+    import msgpack
+
+    quic = protocol._quic  # type: ignore[attr-defined]
+    stream_id = quic.get_next_available_stream_id()
+    answer = asyncio.get_running_loop().create_future()
+    protocol._pending[stream_id] = (answer, bytearray())  # type: ignore[attr-defined]
+    quic.send_stream_data(stream_id, msgpack.packb({"v": 1})[:1] + b"x" * (size - 1), end_stream=False)
+    protocol.flush_soon()  # type: ignore[attr-defined]
+    return answer
+
+
+def test_unfinished_requests_of_all_connections_are_bounded_together(pki: Pki) -> None:
+    """1,024 connections each within their own bound could still make the server hold
+    4 GiB: unfinished request bytes of all connections together stop at
+    max_total_buffered_request_bytes, and a closed connection gives its bytes back."""
+    from transport.envelope import decode_response
+
+    async def body() -> None:
+        limits = Limits(max_buffered_request_bytes=10_000, max_total_buffered_request_bytes=3000)
+        async with serving(pki.tls("node-1"), limits=limits) as server:
+            first, second = _client(pki, server.port), _client(pki, server.port)
+            try:
+                a = await first._connection(5.0)
+                b = await second._connection(5.0)
+                held = [await _unfinished(a, 1000), await _unfinished(a, 1000)]
+                assert await wait_until(lambda: server.buffered_request_bytes == 2000, 5.0)
+                held.append(await _unfinished(b, 1000))
+                assert await wait_until(lambda: server.buffered_request_bytes == 3000, 5.0)
+                crossing = await _unfinished(b, 1000)
+                assert await wait_until(crossing.done, 5.0)  # type: ignore[attr-defined]
+                error = decode_response(crossing.result()).error  # type: ignore[attr-defined]
+                assert error is not None and error.code == "Overloaded" and "all its clients" in error.message
+                assert not any(f.done() for f in held)  # type: ignore[attr-defined]
+                await first.close()  # its 2,000 bytes are given back
+                assert await wait_until(lambda: server.buffered_request_bytes == 1000, 5.0)
+                assert (await second.call("echo", 3))["payload"] == 3
+            finally:
+                await first.close()
+                await second.close()
+
+    run(body())
