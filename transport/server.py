@@ -106,6 +106,10 @@ class Limits:
     # The same, for all connections together: 1,024 connections of 4 MiB each would be
     # 4 GiB that anyone able to open connections could make the server hold.
     max_total_buffered_request_bytes: int = 64 * DEFAULT_MAX_ENVELOPE_BYTES
+    # Response bytes a connection's client has not acknowledged (it reads slowly or not
+    # at all) past which its new requests are refused: a stream keeps its slot until
+    # its response is read, so 128 unread responses of up to 1 MiB each were 128 MiB.
+    max_unread_response_bytes: int = 4 * DEFAULT_MAX_ENVELOPE_BYTES
     # 1200 is the QUIC minimum; on loopback 9000 cuts per-packet cost a lot (FACTS.md).
     max_datagram_size: int = 1200
 
@@ -372,7 +376,18 @@ class _ServerProtocol(CoalescingProtocol):
         if event.end_stream:
             del self._streams[stream_id]
             self._unbuffer(len(buffer))
+            unread = self._unread_response_bytes()
+            if unread > limits.max_unread_response_bytes:
+                refusal = ApiError(ErrorCode.Overloaded, f"{unread} bytes of responses on this connection are not read "
+                                   "yet; read them before sending more requests")
+                self._server._count(refusal.code)
+                self._send_response(stream_id, Response.failure(peek_request_id(bytes(buffer)), refusal))
+                return
             self._server._spawn(self._handle(stream_id, bytes(buffer)))
+
+    def _unread_response_bytes(self) -> int:
+        """Bytes sent on this connection's streams and not acknowledged by the client yet."""
+        return sum(len(stream.sender._buffer) for stream in self._quic._streams.values())
 
     def _unbuffer(self, size: int) -> None:
         self._buffered -= size

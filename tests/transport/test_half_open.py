@@ -153,3 +153,48 @@ def test_unfinished_requests_of_all_connections_are_bounded_together(pki: Pki) -
                 await second.close()
 
     run(body())
+
+
+def test_a_client_that_does_not_read_its_responses_gets_no_more_work_done(pki: Pki) -> None:
+    """A stream keeps its slot until the client has its whole response, so a client that
+    never acknowledges made the server hold 128 responses per connection. Past
+    max_unread_response_bytes of unread responses, new requests are refused at once."""
+    import asyncio
+
+    import msgpack
+
+    from transport.envelope import decode_response
+
+    from .test_api import _registry
+
+    handled: list[int] = []
+
+    async def big(payload: object, ctx: object) -> bytes:
+        handled.append(1)
+        return b"x" * 30_000
+
+    async def body() -> None:
+        limits = Limits(max_unread_response_bytes=100_000)
+        async with serving(pki.tls("node-1"), registry=_registry(big=big), limits=limits) as server:
+            client = _client(pki, server.port)
+            try:
+                assert (await client.call("echo", 1))["payload"] == 1  # handshake confirmed both ways
+                protocol = await client._connection(5.0)
+                protocol.datagram_received = lambda data, addr: None  # type: ignore[method-assign]  # deaf: acks nothing
+                futures = []
+                for i in range(10):
+                    request = msgpack.packb({"v": 1, "id": f"r{i}", "path": "big", "payload": None})
+                    futures.append(protocol.start_request(request)[1])
+                    assert await wait_until(lambda: len(handled) + server.stats.errors.get("Overloaded", 0) == i + 1, 5.0)
+                assert len(handled) == 4  # 4 x 30 KB unread: 120 KB > 100 KB
+                assert server.stats.errors.get("Overloaded", 0) == 6
+                del protocol.datagram_received  # hears again: everything arrives
+                answers = [decode_response(await asyncio.wait_for(f, 10.0)) for f in futures]
+                assert [a.ok for a in answers] == [True] * 4 + [False] * 6
+                assert answers[4].error is not None and "not read yet" in answers[4].error.message
+                assert answers[4].request_id == "r4"
+                assert (await client.call("echo", 5))["payload"] == 5  # read: served again
+            finally:
+                await client.close()
+
+    run(body())
