@@ -147,6 +147,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"cluster did not become healthy: {exc}")
         cluster.stop()
         return 1
+    except BaseException:  # anything else (an import error, Ctrl-C): leave no node running
+        cluster.stop()
+        raise
     _say("")
     _say(f"HyperMesh cluster {cluster.manifest.cluster_id} is up: n={cluster.manifest.n}, f={cluster.manifest.f}")
     _say(f"{'node':<10} {'pid':<8} {'STOQ endpoint (QUIC/UDP)':<26} {'metrics':<28} log")
@@ -216,13 +219,22 @@ class _Supervisor:
 
 
 async def _with_client(args: argparse.Namespace, work: Any) -> Any:
-    from .client import ClusterClient
+    """``await work(client, deadline)``. --timeout bounds the whole command (connecting,
+    other nodes, retries, waiting for a final result): ``deadline`` is passed down to
+    every client call, and running out is reported as a Timeout naming --timeout."""
+    from transport.envelope import ApiError, ErrorCode
 
+    from .client import ClusterClient, DeadlineExceeded
+
+    deadline = time.monotonic() + args.timeout
     async with ClusterClient.from_manifest(
         Path(args.cluster), endpoints=_endpoints(getattr(args, "endpoint", None)), timeout_s=args.timeout,
         client_cert=client_certificate(Path(args.cluster), getattr(args, "client_cert", None)),
     ) as client:
-        return await work(client)
+        try:
+            return await work(client, deadline)
+        except DeadlineExceeded as exc:
+            raise ApiError(ErrorCode.Timeout, f"--timeout {args.timeout:g}s ran out: {exc.detail}") from None
 
 
 def client_certificate(cluster_dir: Path, chosen: str | None) -> tuple[bytes, bytes] | None:
@@ -251,17 +263,18 @@ def cmd_call(args: argparse.Namespace) -> int:
     if args.path == STATUS_PATH and not isinstance(request_id, str):
         raise CliError('consensus/validation_status needs a payload {"request_id": "..."}')
 
-    async def work(client: Any) -> tuple[Any, bool]:
+    async def work(client: Any, deadline: float) -> tuple[Any, bool]:
         """The answer, and whether its certificate was verified."""
         if args.path in VALIDATE_PATHS:  # the client verifies the certificate or raises
             validate = client.validate_certificate if args.path.endswith("certificate") else client.validate_proofs
-            return await validate(payload, args.timeout, args.node), True
+            # Wait for the final result as long as --timeout (the deadline) allows.
+            return await validate(payload, args.timeout, args.node, deadline=deadline), True
         if args.path == STATUS_PATH:  # verified (or raises) exactly when the answer is final
-            result = await client.validation_status(request_id, args.node)
+            result = await client.validation_status(request_id, args.node, deadline=deadline)
             return result, isinstance(result, dict) and result.get("status") in FINAL_STATUSES
         if args.node:
-            return await client.call_node(args.node, args.path, payload), False
-        return await client.call(args.path, payload), False
+            return await client.call_node(args.node, args.path, payload, deadline=deadline), False
+        return await client.call(args.path, payload, deadline=deadline), False
 
     try:
         result, verified = asyncio.run(_with_client(args, work))
@@ -281,7 +294,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_with_client(args, lambda c: c.status()))
+    rows = asyncio.run(_with_client(args, lambda c, deadline: c.status(deadline=deadline)))
     if args.json:
         print(json.dumps(to_json(rows), indent=2))
         return 0
@@ -320,8 +333,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    async def work(client: Any) -> Any:
-        return await client.call("consensus/health")
+    async def work(client: Any, deadline: float) -> Any:
+        return await client.call("consensus/health", deadline=deadline)
 
     try:
         health = asyncio.run(_with_client(args, work))
@@ -334,8 +347,24 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if health.get("status") == "healthy" else 1
 
 
+EVIDENCE_LIMIT_MAX = 1000  # consensus/evidence refuses more (node/service.py)
+
+
+def _evidence_limit(text: str) -> int:
+    """``evidence --limit`` (an argparse type): a limit the node would refuse is a usage error here."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give a positive integer, "
+                                         f"1..{EVIDENCE_LIMIT_MAX}") from None
+    if not 1 <= value <= EVIDENCE_LIMIT_MAX:
+        raise argparse.ArgumentTypeError(f"{value}: must be a positive integer, 1..{EVIDENCE_LIMIT_MAX}")
+    return value
+
+
 def cmd_evidence(args: argparse.Namespace) -> int:
-    result = asyncio.run(_with_client(args, lambda c: c.evidence(args.node, args.accused)))
+    result = asyncio.run(_with_client(
+        args, lambda c, deadline: c.evidence(args.node, args.accused, args.limit, deadline=deadline)))
     print(json.dumps(to_json(result), indent=2))
     return 0
 
@@ -351,7 +380,9 @@ def _client_options(parser: argparse.ArgumentParser, timeout_s: float = 30.0) ->
     parser.add_argument("--endpoint", action="append", metavar="HOST:PORT",
                         help="connect here instead of the manifest's addresses (repeatable; e.g. [::1]:9292)")
     parser.add_argument("--timeout", type=float, default=timeout_s, metavar="SECONDS",
-                        help=f"per-call timeout (default {timeout_s:g})")
+                        help="bound on the whole command: connecting, trying other nodes, retries and (call) "
+                        f"waiting for a final result; when it runs out the command fails with error Timeout "
+                        f"(default {timeout_s:g})")
     parser.add_argument("--client-cert", metavar="DIR",
                         help="directory with tls.pem and tls.key to present to nodes that require client "
                         "certificates (default: the cluster directory's client/, when present)")
@@ -475,10 +506,18 @@ def build_parser() -> argparse.ArgumentParser:
     evidence = sub.add_parser("evidence", help="Byzantine evidence a node has recorded (signed, re-checkable)",
                               description="Print consensus/evidence as JSON: each entry names the accused node, the "
                               "kind (e.g. equivocation) and the signed messages that prove it, so anyone holding the "
-                              "manifest can check it again.",
-                              epilog="Example: hypermesh evidence --node node-1 --accused node-3")
+                              "manifest can check it again. Entries come newest first.",
+                              epilog="Examples:\n"
+                              "  hypermesh evidence --node node-1 --accused node-3\n"
+                              f"  hypermesh evidence --limit 10      # the 10 newest entries (default 100, at most "
+                              f"{EVIDENCE_LIMIT_MAX})\n"
+                              "When older entries remain, 'next_before_id' is set; ask for them with\n"
+                              "  hypermesh call consensus/evidence --node ID --payload '{\"before_id\": N, \"limit\": 10}'",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     evidence.add_argument("--node", metavar="ID", help="ask this node (default: any)")
     evidence.add_argument("--accused", metavar="ID", help="only evidence against this node")
+    evidence.add_argument("--limit", type=_evidence_limit, metavar="N",
+                          help=f"at most N entries, newest first (1..{EVIDENCE_LIMIT_MAX}; default: the node's, 100)")
     _client_options(evidence)
     evidence.set_defaults(func=cmd_evidence)
 

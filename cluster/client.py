@@ -23,7 +23,7 @@ from consensus.codec import DecodeError
 from consensus.requests import parse_request
 from consensus.validation import decode_outcome
 from transport.client import StoqClient
-from transport.envelope import ApiError, ErrorCode
+from transport.envelope import ApiError, ErrorCode, Response
 
 from .manifest import Manifest, NodeEntry, load_manifest
 
@@ -44,6 +44,15 @@ FAILOVER_CODES = {ErrorCode.TransportError, ErrorCode.Timeout, ErrorCode.Overloa
 
 class UnverifiedResult(Exception):
     """A node returned a result whose certificate does not verify against the manifest."""
+
+
+class DeadlineExceeded(ApiError):
+    """The caller's ``deadline`` passed before the call was done. A ``Timeout`` error, so
+    code that handles timeouts needs no change; ``detail`` says what was still missing."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ErrorCode.Timeout, f"deadline passed: {detail}")
+        self.detail = detail
 
 
 class ClusterClient:
@@ -123,43 +132,74 @@ class ClusterClient:
         first = [e for e in self.endpoints if e.node_id == self.leader]
         return first + [e for e in self.endpoints if e.node_id != self.leader]
 
-    async def call_node(self, node_id: str, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+    async def _call_full(
+        self, entry: NodeEntry, path: str, payload: Any, timeout_s: float | None, deadline: float | None
+    ) -> Response:
+        """One call to one node: it gets ``timeout_s`` (default: the client's), but never
+        more than is left before ``deadline`` (a ``time.monotonic()`` value). A failure
+        once the deadline has passed is DeadlineExceeded: trying on is pointless."""
+        budget = self.timeout_s if timeout_s is None else timeout_s
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"no answer to {path}")
+            budget = min(budget, left)
+        try:
+            return await self._client_for(entry).call_full(path, payload, timeout_s=budget)
+        except ApiError as exc:
+            cut_short = exc.code in (ErrorCode.Timeout, ErrorCode.TransportError)  # what a spent budget gives
+            if cut_short and deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"no answer to {path} (last tried {entry.node_id}: {exc})") from None
+            raise
+
+    async def call_node(
+        self, node_id: str, path: str, payload: Any = None, timeout_s: float | None = None,
+        *, deadline: float | None = None,
+    ) -> Any:
         """One call to one named node, no failover."""
         entry = next((e for e in self.endpoints if e.node_id == node_id), None)
         if entry is None:
             raise ApiError(ErrorCode.NotFound, f"node {node_id!r} is not among this client's endpoints")
-        response = await self._client_for(entry).call_full(path, payload, timeout_s=timeout_s)
+        response = await self._call_full(entry, path, payload, timeout_s, deadline)
         self._note_leader(response.metadata)
         if not response.ok:
             raise response.error or ApiError(ErrorCode.HandlerError, "error response without an error")
         return response.payload
 
-    async def call(self, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+    async def call(
+        self, path: str, payload: Any = None, timeout_s: float | None = None, *, deadline: float | None = None
+    ) -> Any:
         """Call any node; on transport failure, timeout or overload try the next one.
         When no node could even be reached, try them all again (``retries`` more
-        passes, backing off): a restarting cluster comes back."""
+        passes, backing off): a restarting cluster comes back. ``timeout_s`` bounds each
+        node's answer; ``deadline`` (a ``time.monotonic()`` value) the whole call, every
+        node and pass included: past it, DeadlineExceeded."""
         passes = 1 + (self.retries if len(self.endpoints) > 1 else 0)
         budget = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + budget  # no new pass starts after it
+        last_pass = time.monotonic() + budget  # no new pass starts after it
+        if deadline is not None:
+            last_pass = min(last_pass, deadline)
         delay = 0.2
         for attempt in range(passes):
             try:
-                return await self._one_pass(path, payload, timeout_s)
+                return await self._one_pass(path, payload, timeout_s, deadline)
             except _Unreachable as exc:
-                if attempt == passes - 1 or time.monotonic() + delay >= deadline:
+                if attempt == passes - 1 or time.monotonic() + delay >= last_pass:
                     raise exc.error from None
             await asyncio.sleep(delay * (1 + random.random() * 0.25))
             delay *= 2
         raise AssertionError("unreachable: the last pass raises")
 
-    async def _one_pass(self, path: str, payload: Any, timeout_s: float | None) -> Any:
+    async def _one_pass(self, path: str, payload: Any, timeout_s: float | None, deadline: float | None) -> Any:
         """Each node in turn. Raises _Unreachable when no node could even be reached
         (a refused or unanswered handshake), so the caller may try them all again."""
         last: ApiError | None = None
         reached = False
         for entry in self._ordered_endpoints():
             try:
-                response = await self._client_for(entry).call_full(path, payload, timeout_s=timeout_s)
+                response = await self._call_full(entry, path, payload, timeout_s, deadline)
+            except DeadlineExceeded:
+                raise  # a Timeout, but no other node has time left either
             except ApiError as exc:
                 if exc.code in FAILOVER_CODES:
                     reached = reached or exc.code != ErrorCode.TransportError
@@ -232,14 +272,14 @@ class ClusterClient:
         if metrics.get("seq") != certificate.get("seq"):
             raise UnverifiedResult(f"seq for {request_id} is not the certified sequence number")
 
-    async def _ask(self, path: str, payload: Any, node_id: str | None) -> Any:
+    async def _ask(self, path: str, payload: Any, node_id: str | None, deadline: float | None) -> Any:
         """One named node (no failover) when ``node_id`` is given, else any node."""
         if node_id is not None:
-            return await self.call_node(node_id, path, payload)
-        return await self.call(path, payload)
+            return await self.call_node(node_id, path, payload, deadline=deadline)
+        return await self.call(path, payload, deadline=deadline)
 
     async def _validate(
-        self, path: str, payload: dict[str, Any], wait_s: float, node_id: str | None = None
+        self, path: str, payload: dict[str, Any], wait_s: float, node_id: str | None, deadline: float | None
     ) -> dict[str, Any]:
         request_id = payload.get("request_id") if isinstance(payload, dict) else None
         kind = "certificate" if path.endswith("validate_certificate") else "proofs"
@@ -254,37 +294,47 @@ class ClusterClient:
         cache_key = (request_id, request_digest) if isinstance(request_id, str) else None
         if self._results is not None and cache_key in self._results:
             return self._results[cache_key]
-        result = await self._ask(path, payload, node_id)
+        result = await self._ask(path, payload, node_id, deadline)
         if isinstance(result, dict) and result.get("status") == "Pending" and isinstance(request_id, str):
-            result = await self.wait_final(request_id, wait_s, node_id)
+            result = await self.wait_final(request_id, wait_s, node_id, deadline=deadline)
         verified = self.verify_result(result, request_digest)
         if self._results is not None and cache_key is not None:
             self._results[cache_key] = verified
         return verified
 
     async def validate_proofs(
-        self, payload: dict[str, Any], wait_s: float = 60.0, node_id: str | None = None
+        self, payload: dict[str, Any], wait_s: float = 60.0, node_id: str | None = None,
+        *, deadline: float | None = None,
     ) -> dict[str, Any]:
-        return await self._validate("consensus/validate_proofs", payload, wait_s, node_id)
+        """Validate and wait (up to ``wait_s``) for the final result; ``deadline`` (a
+        ``time.monotonic()`` value) bounds the whole of it: past it, DeadlineExceeded."""
+        return await self._validate("consensus/validate_proofs", payload, wait_s, node_id, deadline)
 
     async def validate_certificate(
-        self, payload: dict[str, Any], wait_s: float = 60.0, node_id: str | None = None
+        self, payload: dict[str, Any], wait_s: float = 60.0, node_id: str | None = None,
+        *, deadline: float | None = None,
     ) -> dict[str, Any]:
-        return await self._validate("consensus/validate_certificate", payload, wait_s, node_id)
+        """As ``validate_proofs``, for a certificate request."""
+        return await self._validate("consensus/validate_certificate", payload, wait_s, node_id, deadline)
 
-    async def validation_status(self, request_id: str, node_id: str | None = None) -> dict[str, Any]:
+    async def validation_status(
+        self, request_id: str, node_id: str | None = None, *, deadline: float | None = None
+    ) -> dict[str, Any]:
         """The stored result (verified when final) or a ``Pending`` answer. Without
         ``node_id`` one node's ``NotFound`` or ``Pending`` is not the last word (it may
         be behind, or have been down): the other nodes are asked before answering so."""
         if node_id is not None:
             return self._checked_status(request_id, await self.call_node(
-                node_id, "consensus/validation_status", {"request_id": request_id}))
+                node_id, "consensus/validation_status", {"request_id": request_id}, deadline=deadline))
         pending: dict[str, Any] | None = None
         error: ApiError | None = None
         forged: UnverifiedResult | None = None
         for entry in self._ordered_endpoints():
             try:
-                result = await self.call_node(entry.node_id, "consensus/validation_status", {"request_id": request_id})
+                result = await self.call_node(entry.node_id, "consensus/validation_status", {"request_id": request_id},
+                                              deadline=deadline)
+            except DeadlineExceeded:
+                raise  # no time left to ask the others
             except ApiError as exc:
                 if exc.code != ErrorCode.NotFound and exc.code not in FAILOVER_CODES:
                     raise
@@ -312,46 +362,62 @@ class ClusterClient:
                 raise UnverifiedResult(f"asked for {request_id}, got a certified result for {result['request_id']}")
         return result
 
-    async def wait_final(self, request_id: str, timeout_s: float = 60.0, node_id: str | None = None) -> dict[str, Any]:
-        """Poll ``validation_status`` (of ``node_id`` only, if given) until the request is final (backing off)."""
-        deadline = time.monotonic() + timeout_s
+    async def wait_final(
+        self, request_id: str, timeout_s: float = 60.0, node_id: str | None = None, *, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """Poll ``validation_status`` (of ``node_id`` only, if given) until the request is
+        final (backing off), for at most ``timeout_s`` and never past ``deadline``."""
+        started = time.monotonic()
+        end = started + timeout_s if deadline is None else min(started + timeout_s, deadline)
         delay = 0.05
         while True:
             try:
-                result = await self._ask("consensus/validation_status", {"request_id": request_id}, node_id)
+                # Each poll within the wait too: one slow node must not stretch it.
+                result = await self._ask("consensus/validation_status", {"request_id": request_id}, node_id, end)
                 if isinstance(result, dict) and result.get("status") in FINAL_STATUSES:
                     return result
+            except DeadlineExceeded:
+                break  # "not final yet" (below) says more, and what to do next
             except ApiError as exc:
                 if exc.code != ErrorCode.NotFound:
                     raise
-            if time.monotonic() + delay > deadline:
-                raise ApiError(ErrorCode.Timeout, (
-                    f"{request_id} accepted but not final after waiting {timeout_s:.0f}s (is more than f of the "
-                    "cluster down?); it is durable and is decided once the cluster can order it: ask later with "
-                    f"consensus/validation_status {{\"request_id\": \"{request_id}\"}}"))
+            if time.monotonic() + delay > end:
+                break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+        not_final = (
+            f"{request_id} accepted but not final after waiting {time.monotonic() - started:.0f}s (is more than f "
+            "of the cluster down?); it is durable and is decided once the cluster can order it: ask later with "
+            f"consensus/validation_status {{\"request_id\": \"{request_id}\"}}")
+        if deadline is not None and end == deadline:  # the caller's deadline, not this wait, ran out
+            raise DeadlineExceeded(not_final)
+        raise ApiError(ErrorCode.Timeout, not_final)
 
     # -- cluster information ----------------------------------------------------------
 
-    async def health(self, node_id: str | None = None) -> dict[str, Any]:
-        if node_id is None:
-            return await self.call("consensus/health")
-        return await self.call_node(node_id, "consensus/health")
+    async def health(self, node_id: str | None = None, *, deadline: float | None = None) -> dict[str, Any]:
+        return await self._ask("consensus/health", None, node_id, deadline)
 
-    async def status(self) -> list[dict[str, Any]]:
+    async def status(self, *, deadline: float | None = None) -> list[dict[str, Any]]:
         """``cluster/status`` of every node; an unreachable node is reported, not raised."""
         async def one(entry: NodeEntry) -> dict[str, Any]:
             try:
-                status = await self.call_node(entry.node_id, "cluster/status", timeout_s=3.0)
+                status = await self.call_node(entry.node_id, "cluster/status", timeout_s=3.0, deadline=deadline)
                 return {"node_id": entry.node_id, "endpoint": entry.endpoint, "reachable": True, **status}
             except ApiError as exc:
                 return {"node_id": entry.node_id, "endpoint": entry.endpoint, "reachable": False, "error": str(exc)}
 
         return list(await asyncio.gather(*(one(e) for e in self.endpoints)))
 
-    async def evidence(self, node_id: str | None = None, accused: str | None = None) -> dict[str, Any]:
-        payload = {"accused": accused} if accused else {}
-        if node_id is None:
-            return await self.call("consensus/evidence", payload)
-        return await self.call_node(node_id, "consensus/evidence", payload)
+    async def evidence(
+        self, node_id: str | None = None, accused: str | None = None, limit: int | None = None,
+        *, deadline: float | None = None,
+    ) -> dict[str, Any]:
+        """Evidence recorded by one node (any, without ``node_id``), newest first: only
+        against ``accused`` if given, at most ``limit`` entries (the node's default: 100)."""
+        payload: dict[str, Any] = {}
+        if accused:
+            payload["accused"] = accused
+        if limit is not None:
+            payload["limit"] = limit
+        return await self._ask("consensus/evidence", payload, node_id, deadline)

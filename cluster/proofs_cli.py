@@ -34,19 +34,25 @@ examples:
   # a TrustChain certificate request, msgpack payload written to a file:
   hypermesh proofs make --kind certificate --request-id cert-7 --common-name api.example.com \\
       --san api.example.com --san www.example.com --manifest .cluster/manifest.json --out cert-7.msgpack
-  # reuse one holder key (so the time chain continues) and break the space proof on purpose:
+  # reuse one holder key (so the time chain continues) and break the space proof on purpose;
+  # the cluster answers Invalid with reason space.bad_path:
   hypermesh proofs keygen --scheme ML-DSA-65 --out holder.json
-  hypermesh proofs make --request-id req-2 --key holder.json --broken space:path
+  hypermesh proofs make --request-id req-2 --key holder.json --broken space:path \\
+      --manifest .cluster/manifest.json --out req-2.msgpack
+  hypermesh call consensus/validate_proofs --payload-file req-2.msgpack
 
 JSON output writes bytes as "base64:<standard base64>" strings, the form that
 `hypermesh call --payload`/`--payload-file` reads (and prints); --out writes msgpack.
 
 The manifest is JSON with a "validation" section (ValidationParams.to_json_dict()); a
 bare validation object works too. Without --manifest the defaults are used with a fresh
-cluster KEM key, which no real cluster can open: fine for trying things, not for a cluster.
+cluster KEM key, which no real cluster can open (its validators answer space.aead_failed):
+fine for trying things, not for a cluster.
 
---broken PROOF[:HOW] builds a proof whose only defect is the one named; validators must
-answer with the listed reason code:
+--broken PROOF[:HOW] builds a proof whose only defect is the one named; validators of the
+cluster given with --manifest must answer with the listed reason code. Without --manifest
+the space proof is sealed to a key no cluster holds, and a cluster answers space.aead_failed
+as well, or instead:
 """ + "\n".join(f"  {p + ':' + h:<18} -> {code}" for p, hows in FAULTS.items() for h, code in hows.items())
 
 KEYGEN_EPILOG = """\
@@ -125,6 +131,10 @@ def cmd_make(args: argparse.Namespace) -> int:
     fault = args.broken
     if fault is not None and args.kind == "proofs" and fault[0] in ("csr", "policy"):
         raise CliError("csr/policy faults need --kind certificate")
+    if fault is not None and args.manifest is None:
+        print(f"warning: --broken without --manifest: the space proof is sealed to a key no cluster holds, so a "
+              f"cluster answers space.aead_failed as well as, or instead of, {FAULTS[fault[0]][fault[1]]}",
+              file=sys.stderr)
     holder = _load_holder(args.key, args.scheme)
     now = args.timestamp_ms if args.timestamp_ms is not None else int(time.time() * 1000)
     request_id = args.request_id or f"req-{secrets.token_hex(8)}"

@@ -214,8 +214,14 @@ class CoalescingProtocol(QuicConnectionProtocol):
         self._transmit_task = None
         if self._transport is None or self._transport.is_closing():
             return
+        transport = self._transport
         for data, _addr in self._quic.datagrams_to_send(now=self._loop.time()):
-            self._transport.sendto(data)
+            transport.sendto(data)
+            if transport.is_closing():
+                # A send failed (ECONNREFUSED: the peer is gone) and error_received gave
+                # the connection up: writing the rest of the batch would make asyncio log
+                # "socket.send() raised exception." once per datagram. No timer either.
+                return
         timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()

@@ -32,12 +32,13 @@ class FakeCluster:
         self.routes: list[tuple[str, str]] = []
         fake = self
 
-        async def call(_client: Any, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+        async def call(_client: Any, path: str, payload: Any = None, timeout_s: float | None = None,
+                       *, deadline: float | None = None) -> Any:
             fake.routes.append(("any", path))
             return fake.answer(path, payload)
 
         async def call_node(_client: Any, node_id: str, path: str, payload: Any = None,
-                            timeout_s: float | None = None) -> Any:
+                            timeout_s: float | None = None, *, deadline: float | None = None) -> Any:
             fake.routes.append((node_id, path))
             return fake.answer(path, payload)
 
@@ -84,7 +85,8 @@ def test_call_validation_status_asks_the_other_nodes_before_saying_not_found(
                                "node-3": certified_reply(manifest, "req-1")}
     asked: list[str] = []
 
-    async def call_node(_client: Any, node_id: str, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+    async def call_node(_client: Any, node_id: str, path: str, payload: Any = None, timeout_s: float | None = None,
+                        *, deadline: float | None = None) -> Any:
         asked.append(node_id)
         answer = answers.get(node_id, ApiError(ErrorCode.NotFound, "unknown"))
         if isinstance(answer, ApiError):
@@ -259,7 +261,7 @@ def test_status_shows_a_view_change_and_a_lost_quorum(
         {"node_id": "node-4", "endpoint": "[::1]:4", "reachable": False, "error": "TransportError: down"},
     ]
 
-    async def status(_client: Any) -> list[dict[str, Any]]:
+    async def status(_client: Any, *, deadline: float | None = None) -> list[dict[str, Any]]:
         return rows
 
     monkeypatch.setattr(ClusterClient, "status", status)
@@ -302,7 +304,7 @@ def test_status_prints_a_long_error_whole_below_the_table(
     error = ("TransportError: TLS handshake with node-2 failed: certificate verify failed: unable to get local "
              "issuer certificate (is --cluster the directory of this cluster's CA?)")
 
-    async def status(_client: Any) -> list[dict[str, Any]]:
+    async def status(_client: Any, *, deadline: float | None = None) -> list[dict[str, Any]]:
         return [{"node_id": "node-1", "endpoint": "[::1]:9292", "reachable": True, "view": 0, "leader": "node-1",
                  "is_leader": True, "last_executed_seq": 3, "stable_checkpoint_seq": 0, "results_stored": 3},
                 {"node_id": "node-2", "endpoint": "[::1]:9293", "reachable": False, "error": error}]

@@ -101,7 +101,8 @@ def test_validation_status_refuses_a_certified_result_for_another_request(manife
     client = ClusterClient(manifest)
     answers = {"req-MINE": certified_reply(manifest, "req-OTHER")}  # genuinely certified, wrong request
 
-    async def fake_call_node(node_id: str, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+    async def fake_call_node(node_id: str, path: str, payload: Any = None, timeout_s: float | None = None,
+                             *, deadline: float | None = None) -> Any:
         return answers[payload["request_id"]]
 
     monkeypatch.setattr(client, "call_node", fake_call_node)
@@ -120,7 +121,8 @@ def test_the_result_cache_tells_different_requests_with_one_id_apart(manifest: M
     client = ClusterClient(manifest, cache_results=True)
     sent: list[Any] = []
 
-    async def fake_call(path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+    async def fake_call(path: str, payload: Any = None, timeout_s: float | None = None,
+                        *, deadline: float | None = None) -> Any:
         sent.append(payload)
         return certified_reply(manifest, payload["request_id"], request_digest=parse_request("proofs", payload).digest)
 
@@ -141,7 +143,8 @@ def test_one_node_answering_a_forged_result_does_not_hide_the_others(manifest: M
     forged["certificate"]["signatures"] = forged["certificate"]["signatures"][:1]  # short of a quorum
     answers = {"node-1": forged, "node-2": certified_reply(manifest, "req-1")}
 
-    async def fake_call_node(node_id: str, path: str, payload: Any = None, timeout_s: float | None = None) -> Any:
+    async def fake_call_node(node_id: str, path: str, payload: Any = None, timeout_s: float | None = None,
+                             *, deadline: float | None = None) -> Any:
         return answers.get(node_id, {"request_id": "req-1", "status": "Pending"})
 
     monkeypatch.setattr(client, "call_node", fake_call_node)
