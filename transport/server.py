@@ -360,30 +360,27 @@ class _ServerProtocol(CoalescingProtocol):
                 self._server.buffered_request_bytes > limits.max_total_buffered_request_bytes:
             error = ApiError(ErrorCode.Overloaded, "the server holds too many unfinished requests of all its "
                              "clients; try again shortly, or another node")
-        if error is not None:
+        elif event.end_stream and (unread := self._unread_response_bytes()) > limits.max_unread_response_bytes:
+            error = ApiError(ErrorCode.Overloaded, f"{unread} bytes of responses on this connection are not read "
+                             "yet; read them before sending more requests")
+        if event.end_stream or error is not None:
             del self._streams[stream_id]
             self._unbuffer(len(buffer))
-            if not event.end_stream:
-                self._refused.add(stream_id)
-            self._server._count(error.code)
-            # Answer, and tell the client to stop sending the rest.
-            self._send_response(stream_id, Response.failure("", error))
-            try:
-                self._quic.stop_stream(stream_id, STREAM_TOO_LARGE)
-            except ValueError:
-                pass
+        if error is None:
+            if event.end_stream:
+                self._server._spawn(self._handle(stream_id, bytes(buffer)))
             return
-        if event.end_stream:
-            del self._streams[stream_id]
-            self._unbuffer(len(buffer))
-            unread = self._unread_response_bytes()
-            if unread > limits.max_unread_response_bytes:
-                refusal = ApiError(ErrorCode.Overloaded, f"{unread} bytes of responses on this connection are not read "
-                                   "yet; read them before sending more requests")
-                self._server._count(refusal.code)
-                self._send_response(stream_id, Response.failure(peek_request_id(bytes(buffer)), refusal))
-                return
-            self._server._spawn(self._handle(stream_id, bytes(buffer)))
+        self._server._count(error.code)
+        if event.end_stream:  # a whole request, refused unexecuted: answered by its id
+            self._send_response(stream_id, Response.failure(peek_request_id(bytes(buffer)), error))
+            return
+        # Answer, and tell the client to stop sending the rest.
+        self._refused.add(stream_id)
+        self._send_response(stream_id, Response.failure("", error))
+        try:
+            self._quic.stop_stream(stream_id, STREAM_TOO_LARGE)
+        except ValueError:
+            pass
 
     def _unread_response_bytes(self) -> int:
         """Bytes sent on this connection's streams and not acknowledged by the client yet."""
