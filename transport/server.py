@@ -110,6 +110,9 @@ class Limits:
     # at all) past which its new requests are refused: a stream keeps its slot until
     # its response is read, so 128 unread responses of up to 1 MiB each were 128 MiB.
     max_unread_response_bytes: int = 4 * DEFAULT_MAX_ENVELOPE_BYTES
+    # The same, for all connections together: 1,024 connections of 4 MiB each would be
+    # 4 GiB of responses held for clients that do not read them.
+    max_total_unread_response_bytes: int = 64 * DEFAULT_MAX_ENVELOPE_BYTES
     # 1200 is the QUIC minimum; on loopback 9000 cuts per-packet cost a lot (FACTS.md).
     max_datagram_size: int = 1200
 
@@ -169,6 +172,9 @@ class _ServerProtocol(CoalescingProtocol):
         self._held: list[events.QuicEvent] = []
         self._streams: dict[int, bytearray] = {}  # request bytes received so far, until FIN
         self._buffered = 0  # bytes in self._streams, also counted in the server's total
+        # Unacknowledged response bytes as last counted, also in the server's total; None
+        # once the connection gave its share back (it is gone or the server stopped).
+        self._unread: int | None = 0
         # Streams refused as oversized before their FIN: the rest of their bytes is
         # ignored. An id leaves at FIN or reset; until then aioquic holds the stream
         # open, so stream credit (max_streams_per_connection) bounds this set.
@@ -235,6 +241,7 @@ class _ServerProtocol(CoalescingProtocol):
             self._closed_flag = True
             self._forget_peer_link()
             self._unbuffer(self._buffered)
+            self._release_unread()
             self._streams.clear()
             self._refused.clear()
             self._decoders.clear()
@@ -360,9 +367,12 @@ class _ServerProtocol(CoalescingProtocol):
                 self._server.buffered_request_bytes > limits.max_total_buffered_request_bytes:
             error = ApiError(ErrorCode.Overloaded, "the server holds too many unfinished requests of all its "
                              "clients; try again shortly, or another node")
-        elif event.end_stream and (unread := self._unread_response_bytes()) > limits.max_unread_response_bytes:
+        elif event.end_stream and (unread := self._recount_unread()) > limits.max_unread_response_bytes:
             error = ApiError(ErrorCode.Overloaded, f"{unread} bytes of responses on this connection are not read "
                              "yet; read them before sending more requests")
+        elif event.end_stream and self._server.unread_response_bytes > limits.max_total_unread_response_bytes:
+            error = ApiError(ErrorCode.Overloaded, f"the server holds more than {limits.max_total_unread_response_bytes}"
+                             " bytes of responses its clients have not read yet; try again shortly, or another node")
         if event.end_stream or error is not None:
             del self._streams[stream_id]
             self._unbuffer(len(buffer))
@@ -382,9 +392,29 @@ class _ServerProtocol(CoalescingProtocol):
         except ValueError:
             pass
 
-    def _unread_response_bytes(self) -> int:
-        """Bytes sent on this connection's streams and not acknowledged by the client yet."""
-        return sum(len(stream.sender._buffer) for stream in self._quic._streams.values())
+    def _recount_unread(self) -> int:
+        """Bytes sent on this connection's streams and not acknowledged by the client yet;
+        brings this connection's share of the server's total up to date."""
+        if not self._unread:
+            # Only _send_response adds to a stream's send buffer, and it counts what it adds.
+            return 0
+        unread = sum(len(stream.sender._buffer) for stream in self._quic._streams.values())
+        self._server.unread_response_bytes += unread - self._unread
+        self._unread = unread
+        return unread
+
+    def _release_unread(self) -> None:
+        if self._unread is not None:
+            self._server.unread_response_bytes -= self._unread
+            self._unread = None
+
+    def transmit(self) -> None:
+        super().transmit()
+        # Send buffers shrink only as acknowledgements are processed (received datagrams)
+        # or finished streams are discarded (datagrams_to_send): each is followed by a
+        # transmit, so one recount here per loop pass keeps the server's total right
+        # without walking every connection's streams on every request.
+        self._recount_unread()
 
     def _unbuffer(self, size: int) -> None:
         self._buffered -= size
@@ -409,6 +439,9 @@ class _ServerProtocol(CoalescingProtocol):
             # The client stopped the stream meanwhile (aioquic: RuntimeError after a
             # STOP_SENDING reset, ValueError once the stream is discarded).
             return
+        if self._unread is not None:
+            self._unread += len(data)
+            self._server.unread_response_bytes += len(data)
         self.flush_soon()
 
 
@@ -551,6 +584,7 @@ class StoqServer:
         self.tickets = ticket_store if ticket_store is not None else SessionTicketStore()
         self.stats = ServerStats()
         self.buffered_request_bytes = 0  # unfinished request bytes of all connections
+        self.unread_response_bytes = 0  # unacknowledged response bytes of all connections
         self._endpoint: _Endpoint | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         alpns = [ALPN_API] + ([ALPN_PEER] if peer_frame_handler is not None else [])
@@ -595,6 +629,7 @@ class StoqServer:
                 await asyncio.wait(pending, timeout=1.0)
         for protocol in endpoint.live():
             protocol.close(error_code=CLOSE_SHUTTING_DOWN, reason_phrase="server shutting down")
+            protocol._release_unread()  # its ConnectionTerminated will not come: no timer
             if protocol._timer is not None:  # the socket is about to go away
                 protocol._timer.cancel()
                 protocol._timer = None
