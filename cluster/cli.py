@@ -314,8 +314,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         leader = row.get("leader", "?") + (" *" if row.get("is_leader") else "")
         target = (row.get("replica") or {}).get("view_change_target")
         view = f"{row.get('view', '?')}->{target}" if target else row.get("view", "?")
+        floor = (row.get("replica") or {}).get("vote_floor")
+        if floor:
+            errors.append(f"{row['node_id']} withholds its votes: its store remembers less than it signed (restored "
+                          f"from a backup, or emptied); it votes again once the stable checkpoint reaches "
+                          f"{floor.get('seq')} (docs/OPERATIONS.md, Backups)")
+        health = "withholding" if floor else "healthy"
         print(
-            f"{row['node_id']:<10} {row['endpoint']:<22} {'healthy':<12} {view:>5} {leader:<10} "
+            f"{row['node_id']:<10} {row['endpoint']:<22} {health:<12} {view:>5} {leader:<10} "
             f"{row.get('last_executed_seq', '?'):>9} {row.get('stable_checkpoint_seq', '?'):>10} "
             f"{row.get('results_stored', '?'):>8} {evidence:>8}"
         )

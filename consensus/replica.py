@@ -181,7 +181,12 @@ class Replica:
     """One validator's PBFT state machine. See docs/CONSENSUS.md."""
 
     def __init__(self, config: ReplicaConfig, key: NodeKey, keyring: KeyRing, app: Application,
-                 durable: Mapping[str, bytes] | None = None, now_ms: int = 0) -> None:
+                 durable: Mapping[str, bytes] | None = None, now_ms: int = 0,
+                 signed_bound: tuple[int, int] | None = None) -> None:
+        """``signed_bound`` = (view, seq): the highest this validator ever signed, as kept
+        outside its store (the node's vote guard, see ``signed_high``). If ``durable``
+        remembers less, the store went back in time and the replica withholds the votes
+        it may have cast before (see ``vote_floor``)."""
         if key.node_id not in keyring:
             raise ValueError(f"node {key.node_id!r} is not in the key ring")
         self.config = config
@@ -208,6 +213,9 @@ class Replica:
         self._verified: dict[bytes, None] = {}  # recently verified signed wires, oldest first
         self._wall_offset_ms = 0  # wall clock minus now_ms (see set_wall_offset)
         self._vc_answered: dict[str, int] = {}  # peer -> when we last answered its view-change
+        self._signed_view = 0  # highest view of any order vote, view-change or new-view we signed
+        self._signed_seq = 0  # highest seq of any order vote we signed (at least the stable checkpoint)
+        self._vote_floor: tuple[int, int] | None = None  # see vote_floor
 
         self._slots: dict[int, Slot] = {}
         self._stable = _Stable()
@@ -260,9 +268,11 @@ class Replica:
         self._evidence_seen: set[tuple[str, str, int, int]] = set()
 
         if durable:
-            self._recover(durable)
+            self._recover(durable, signed_bound)
             self._probes_left = 2 * keyring.n
             self._last_probe_ms = now_ms - 10**9  # first probe on the first tick
+        elif signed_bound is not None:
+            self._set_vote_floor(signed_bound)
 
     # ------------------------------------------------------------------ properties
 
@@ -299,6 +309,25 @@ class Replica:
         """The view this replica asked for, while it is in a view change."""
         return self._vc_target if self._in_view_change else None
 
+    @property
+    def signed_high(self) -> tuple[int, int]:
+        """(view, seq) at or above everything this replica signed that a peer could hold
+        against it: pre-prepares, prepares, commits (view and seq), view-changes and
+        new-views (view). A driver keeps it outside the store, durable before the sends
+        of the same pass leave, and passes it back as ``signed_bound`` on restart."""
+        return self._signed_view, max(self._signed_seq, self._stable.seq)
+
+    @property
+    def vote_floor(self) -> tuple[int, int] | None:
+        """(view, seq) while the store remembers less than this replica signed: it may
+        have voted for other batches at those slots before, so it casts no order vote at
+        a seq <= floor seq in a view <= floor view, no view-change until its stable
+        checkpoint reaches the floor seq (one would omit forgotten prepared
+        certificates), and no new-view for a view <= floor view. Lifted once the stable
+        checkpoint reaches the floor seq in a view >= the floor view. Meanwhile it still
+        executes what the others commit, and counts as one of the f faulty validators."""
+        return self._vote_floor
+
     def executed_seq(self, request_id: str) -> int | None:
         """The batch that executed this request, if this replica knows it was executed
         (itself, or through a snapshot whose results it may still be fetching)."""
@@ -320,6 +349,7 @@ class Replica:
             "in_flight_batches": sum(1 for s in self._slots.values() if s.has_batch and s.seq > self._last_executed),
             "executed_requests": len(self._executed),
             "state_transfer": None if self._transfer is None else {"seq": self._transfer.seq, "tries": self._transfer.tries},
+            "vote_floor": None if self._vote_floor is None else {"view": self._vote_floor[0], "seq": self._vote_floor[1]},
             "n": self.keyring.n,
             "f": self.keyring.f,
             "counters": dict(sorted(self.counters.items())),
@@ -433,6 +463,8 @@ class Replica:
         for it, so a batch goes out when due rather than at the next coarse ``tick``."""
         if not self.is_leader or self._transfer is not None:
             return None
+        if self._withheld(self._view, self._next_seq):
+            return None  # nothing goes out below the vote floor: no timer to spin on
         if self._window_full():
             return None  # execution moves the window; the driver proposes after each pass
         waiting = self._unproposed()
@@ -674,6 +706,8 @@ class Replica:
                 batch.append((rid, req))
                 size += len(req) + len(rid)
             seq = self._next_seq
+            if self._withheld(self._view, seq):
+                return  # we may have proposed another batch here before the store forgot it
             prev = self._slots.get(seq - 1)
             prev_time = prev.agreed_time_ms if prev is not None and prev.has_batch else self._last_time_ms
             agreed = max(prev_time + 1, now + self._wall_offset_ms)
@@ -697,12 +731,48 @@ class Replica:
     # ------------------------------------------------------------------ ordering: votes
 
     def _may_vote(self, kind: str, seq: int, view: int, digest: bytes) -> bool:
-        """Never sign two different values for one (kind, view, seq) — even across a crash."""
+        """Never sign two different values for one (kind, view, seq) — even across a crash,
+        and even after the store forgot (the vote floor)."""
         own = self._own_votes.get((kind, seq))
-        if own is not None and own[0] == view and own[1] != digest:
-            self._count("refused_equivocation")
+        if own is not None and own[0] == view:
+            if own[1] != digest:
+                self._count("refused_equivocation")
+                return False
+            return True  # the very vote we cast: re-sending its bytes is always safe
+        if self._withheld(view, seq):
+            self._count("votes_withheld")
             return False
         return True
+
+    # ------------------------------------------------------------------ vote floor
+
+    def _set_vote_floor(self, bound: tuple[int, int]) -> None:
+        """The store remembers less than ``bound`` (see ``vote_floor``)."""
+        self._vote_floor = bound
+        self._signed_view = max(self._signed_view, bound[0])
+        self._signed_seq = max(self._signed_seq, bound[1])
+        self._count("vote_floor_set")
+        self._maybe_lift_floor()
+
+    def _withheld(self, view: int, seq: int) -> bool:
+        floor = self._vote_floor
+        return floor is not None and view <= floor[0] and seq <= floor[1]
+
+    def _may_sign_view_change(self, target: int) -> bool:
+        floor = self._vote_floor
+        return floor is None or (target > floor[0] and self._stable.seq >= floor[1])
+
+    def _maybe_lift_floor(self) -> None:
+        floor = self._vote_floor
+        if floor is not None and self._stable.seq >= floor[1] and self._view >= floor[0]:
+            self._vote_floor = None
+            self._count("vote_floor_lifted")
+
+    def _note_signed(self, view: int, seq: int = 0) -> None:
+        if view > self._signed_view:
+            self._signed_view = view
+        if seq > self._signed_seq:
+            self._signed_seq = seq
 
     def _record_vote(self, kind: str, seq: int, view: int, digest: bytes, wire: bytes,
                      body: tuple[int, Batch] | None = None, header_signature: bytes | None = None) -> None:
@@ -712,6 +782,7 @@ class Replica:
         pre-prepare is stored as a small record (``header_signature``) next to the
         batch's bytes and rebuilt on recovery (its wire is a deterministic encoding)."""
         self._own_votes[(kind, seq)] = (view, digest, wire)
+        self._note_signed(view, seq)
         self._persisted["vote"].add(seq)
         records = []
         if body is not None:
@@ -1433,6 +1504,7 @@ class Replica:
         self._evidence_seen = {key for key in self._evidence_seen if key[2] > seq}
         if self._next_seq <= seq:
             self._next_seq = seq + 1
+        self._maybe_lift_floor()
 
     # ------------------------------------------------------------------ state transfer
 
@@ -1732,14 +1804,25 @@ class Replica:
         self._vc_deadline = self._now + self.config.view_change_timeout_ms * factor
         self._vc_quorum_at = None
         self._count("view_changes_started")
-        wire = self._wire(self._view_change(target))
         self._out.append(Persist((("view", canonical_pack([self._view, target])),)))
-        self._out.append(Send(wire))
+        own = self._sign_view_change(target)
+        if own is not None:
+            self._out.append(Send(own.raw))
         asked = self._view_changes.setdefault(target, {})
-        asked[self.node_id] = decode(wire)
         if len(asked) >= self.keyring.quorum:
             self._vc_quorum_at = self._now
         self._try_new_view(target)
+
+    def _sign_view_change(self, target: int) -> Message | None:
+        """Our view-change for ``target``, now counted as asked; None while the vote
+        floor withholds it (it would omit prepared certificates the store forgot)."""
+        if not self._may_sign_view_change(target):
+            self._count("votes_withheld")
+            return None
+        own = decode(self._wire(self._view_change(target)))
+        self._view_changes.setdefault(target, {})[self.node_id] = own
+        self._note_signed(target)
+        return own
 
     def _view_change(self, target: int) -> ViewChange:
         """Our view-change for ``target``: stable checkpoint and every prepared certificate above it."""
@@ -1764,6 +1847,11 @@ class Replica:
         if own is not None:
             self._count("view_changes_resent")
             self._out.append(Send(own.raw))
+        elif self._vote_floor is not None and (own := self._sign_view_change(self._vc_target)) is not None:
+            self._out.append(Send(own.raw))  # withheld until the floor allowed it
+            if self._vc_quorum_at is None and len(asked) >= self.keyring.quorum:
+                self._vc_quorum_at = self._now
+            self._try_new_view(self._vc_target)
 
     def _on_view_change(self, msg: Message, sender: str) -> None:
         vc: ViewChange = msg.payload  # type: ignore[assignment]
@@ -1808,16 +1896,17 @@ class Replica:
         if last is not None and self._now - last < self.config.view_change_timeout_ms:
             return
         self._vc_answered[sender] = self._now
-        asked = self._view_changes.setdefault(view, {})
-        own = asked.get(self.node_id)
-        if own is None:
-            own = asked[self.node_id] = decode(self._wire(self._view_change(view)))
+        own = self._view_changes.setdefault(view, {}).get(self.node_id)
+        if own is None and (own := self._sign_view_change(view)) is None:
+            return
         self._count("view_changes_answered")
         self._out.append(Send(own.raw, sender))
 
     def _try_new_view(self, view: int) -> None:
         if self._leader_of(view) != self.node_id or view in self._sent_new_view:
             return
+        if self._vote_floor is not None and view <= self._vote_floor[0]:
+            return  # we may have sent another new-view for it before the store forgot
         if not (self._in_view_change and self._vc_target == view):
             return
         vcs = self._view_changes.get(view, {})
@@ -1827,6 +1916,7 @@ class Replica:
         if self.node_id in vcs and vcs[self.node_id].raw not in chosen:
             chosen[-1] = vcs[self.node_id].raw
         self._sent_new_view.add(view)
+        self._note_signed(view)
         wire = self._wire(NewView(view, tuple(chosen)))
         self._out.append(Persist((("newview", wire),)))
         self._out.append(Send(wire))
@@ -1867,6 +1957,7 @@ class Replica:
         self._vc_target = view
         self._vc_attempts = 0
         self._new_view_wire = wire
+        self._maybe_lift_floor()
         for v in [v for v in self._view_changes if v <= view]:
             del self._view_changes[v]
         for v in [v for v in self._higher_view_seen if v <= view]:
@@ -2038,9 +2129,11 @@ class Replica:
             return view, digest, None
         return view, digest, encode_signed(self._cid, self.node_id, PrePrepare(view, seq, agreed, batch[1], digest), signature)
 
-    def _recover(self, durable: Mapping[str, bytes]) -> None:
+    def _recover(self, durable: Mapping[str, bytes], signed_bound: tuple[int, int] | None) -> None:
         """Rebuild from Persist records: stable checkpoint, committed batches above it
-        (re-executed), own votes (never contradicted), prepared certificates, the view."""
+        (re-executed), own votes (never contradicted), prepared certificates, the view.
+        Then compare what they say we signed with ``signed_bound`` (see ``vote_floor``)
+        before anything is signed or sent again."""
         view_rec = durable.get("view")
         vc_target = 0
         if view_rec is not None:
@@ -2119,12 +2212,18 @@ class Replica:
                     continue
                 self._pending[rid] = _Pending(value, self._now, self._now + self.config.request_timeout_ms, 0, True)
                 self._queue_dirty = True  # in-flight ids are only known after recovery
+        self._note_signed(max(self._view, vc_target))
         for (kind, seq), (view, _, _) in self._own_votes.items():
+            self._note_signed(view, seq)
             slot = self._slot(seq)
             if kind == PREPARE:
                 slot.sent_prepare = max(slot.sent_prepare, view)
             elif kind == COMMIT:
                 slot.sent_commit = max(slot.sent_commit, view)
+        if signed_bound is not None:
+            view_high, seq_high = self.signed_high
+            if signed_bound[0] > view_high or signed_bound[1] > seq_high:
+                self._set_vote_floor(signed_bound)
         self._next_seq = max(self._next_seq, self._stable.seq + 1)
         if self._new_view_wire is not None:
             self._replay_new_view(self._new_view_wire)

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGINT/SIGTERM, let in-flight validations finish this long; those still "
                         "waiting are then answered Pending (they are durable; poll validation_status) (default 5)")
     parser.add_argument("--sync-commits", action="store_true",
-                        help="fsync every database commit (survives power loss, ~0.3 ms per batch)")
+                        help="fsync every database commit and the vote guard (survives power loss, ~0.3 ms per batch); "
+                        "without it a validator that lost power withholds the votes it forgot (docs/OPERATIONS.md, Backups)")
     parser.add_argument("--batch-size", type=int, default=64, help="maximum requests per consensus batch (default 64)")
     parser.add_argument("--batch-delay-ms", type=int, default=5, help="close a partial batch after this long (default 5)")
     parser.add_argument("--checkpoint-interval", type=int, default=16, help="batches between checkpoints (default 16)")
@@ -114,6 +115,7 @@ async def serve(args: argparse.Namespace) -> int:
     from .runtime import ReplicaDriver
     from .service import ServiceLimits, ValidationService, wrap_handler
     from .store import Store, lock_data_dir
+    from .vote_guard import GUARD_FILE, VoteGuard
     from .tracing import make_tracer
 
     node_id = args.node_id or (DEFAULT_NODE_ID if not args.cluster else None)
@@ -179,6 +181,8 @@ async def serve(args: argparse.Namespace) -> int:
         metrics=metrics,
         send=send,
         byzantine=args.byzantine,
+        vote_guard=VoteGuard(data_dir / GUARD_FILE, owner=f"{manifest.cluster_id}/{node_id}", sync=args.sync_commits)
+        if manifest.n > 1 else None,
     )
 
     log.info("Creating validation service...")
@@ -273,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     from cluster.manifest import ManifestError
     from node.store import StoreError
+    from node.vote_guard import VoteGuardError
 
     try:
         return asyncio.run(serve(args))
-    except (ManifestError, StoreError) as exc:
+    except (ManifestError, StoreError, VoteGuardError) as exc:
         log.error("%s", exc)
         return 2
     except OSError as exc:

@@ -21,6 +21,10 @@ class NodeMetrics:
         self.is_leader = Gauge("hypermesh_consensus_is_leader", "1 when this node leads the current view", registry=r)
         self.last_executed = Gauge("hypermesh_consensus_last_executed_seq", "Last executed batch sequence number", registry=r)
         self.stable_checkpoint = Gauge("hypermesh_consensus_stable_checkpoint_seq", "Last stable checkpoint", registry=r)
+        self.vote_floor = Gauge(
+            "hypermesh_consensus_vote_floor_seq",
+            "0, or the seq up to which this node withholds its votes: its store remembers less than it signed "
+            "(restored from a backup, or emptied) until the stable checkpoint passes it", registry=r)
         self.clock_steps = Counter("hypermesh_wall_clock_steps", "Steps of the wall clock (over 1 s) seen by the node; its timers are unaffected", registry=r)
         self.batches = Counter("hypermesh_consensus_batches", "Batches committed and executed", registry=r)
         self.batch_size = Histogram("hypermesh_consensus_batch_size", "Requests per committed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)

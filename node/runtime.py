@@ -33,6 +33,7 @@ from transport.envelope import ApiError, ErrorCode
 
 from .metrics import NodeMetrics
 from .store import PendingRequest, Store, StoredResult, StoreError
+from .vote_guard import VoteGuard
 
 log = logging.getLogger("hypermesh.node")
 
@@ -89,6 +90,7 @@ class ReplicaDriver:
         send: Callable[[str | None, bytes], None],
         byzantine: str | None = None,
         tick_interval_s: float = 0.025,
+        vote_guard: VoteGuard | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -103,17 +105,30 @@ class ReplicaDriver:
         self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="precheck")
         self.app = ValidationApp(params, kem_private_key, precheck_runner=self._run_prechecks,
                                  background=self._pool.submit)
+        # What this node signed, as its vote guard recorded it outside the store (a lone
+        # validator has none: no peer holds its votes, see docs/OPERATIONS.md).
+        self._guard = vote_guard
+        signed_bound = vote_guard.load() if vote_guard is not None else None
         try:
             replica: Any = Replica(replica_config, key, keyring, self.app, durable=store.load_records(),
-                                    now_ms=self._clock.now_ms())
+                                    now_ms=self._clock.now_ms(), signed_bound=signed_bound)
         except DecodeError as exc:  # our own records do not decode or do not verify: refuse to run on them
             raise StoreError(f"the consensus records in {store.path} are damaged ({exc}); in a cluster, move this "
-                             "node's data directory aside and start it empty: it catches up from its peers") from exc
+                             "node's node.db* files aside, keep its vote-guard.json, and start it: it catches up "
+                             "from its peers") from exc
         if byzantine:
             from consensus.byzantine import ByzantineReplica
 
             replica = ByzantineReplica(replica, byzantine, key, keyring, rng_seed=int.from_bytes(key.public_key[:4], "big"))
         self.replica = replica
+        floor = replica.vote_floor
+        if floor is not None:
+            log.warning("this node once signed votes up to view %d, seq %d, but its store %s remembers less (restored "
+                        "from a backup, WAL lost, or emptied): it withholds its votes at or below that seq until the "
+                        "cluster's stable checkpoint passes it, and counts as one of the f faulty nodes until then",
+                        floor[0], floor[1], store.path)
+        if vote_guard is not None:
+            vote_guard.raise_to(replica.signed_high)  # a new node, or one from before the guard: start the file
         self._now()  # the wall clock's offset, before anything is proposed
         self.tick_interval_s = tick_interval_s
         self._waiters: dict[str, list[Waiter]] = {}
@@ -323,14 +338,13 @@ class ReplicaDriver:
                 # The replica now believes records are on disk that are not: going on
                 # could send or answer what a restart would not remember. Stop instead;
                 # a restart recovers from what the disk does hold.
-                self.failed = exc
-                log.critical("the store refused a write (%s): stopping this node; a restart recovers "
-                             "from what is on disk", exc)
-                # Nothing here will be finished: answer every waiter now (Pending if its
-                # request is on disk, NotAccepted if this pass's write was to save it).
-                self.release_waiters()
-                if self.on_fatal is not None:
-                    self.on_fatal(exc)
+                self._fail_stop(exc, "the store refused a write")
+                return
+        if self._guard is not None:
+            try:  # before the sends: a peer must never hold a vote the guard does not cover
+                self._guard.raise_to(self.replica.signed_high)
+            except OSError as exc:
+                self._fail_stop(exc, f"the vote guard {self._guard.path} could not be written")
                 return
         for request in pending:
             for waiter in self._waiters.get(request.request_id, ()):
@@ -353,6 +367,15 @@ class ReplicaDriver:
             else:
                 self._fail(answer.request_id, ApiError(ErrorCode(answer.code), answer.message))
         self._arm_batch_timer()
+
+    def _fail_stop(self, exc: BaseException, what: str) -> None:
+        self.failed = exc
+        log.critical("%s (%s): stopping this node; a restart recovers from what is on disk", what, exc)
+        # Nothing here will be finished: answer every waiter now (Pending if its
+        # request is on disk, NotAccepted if this pass's write was to save it).
+        self.release_waiters()
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
 
     def _arm_batch_timer(self) -> None:
         """A partial batch goes out when it is due (``batch_max_delay_ms`` after its
@@ -439,3 +462,5 @@ class ReplicaDriver:
         self.metrics.is_leader.set(1 if replica.is_leader else 0)
         self.metrics.last_executed.set(replica.last_executed_seq)
         self.metrics.stable_checkpoint.set(replica.stable_checkpoint_seq)
+        floor = replica.vote_floor
+        self.metrics.vote_floor.set(0 if floor is None else floor[1])

@@ -12,7 +12,8 @@ What lives here, and why it must survive ``kill -9``:
   request bytes are kept once, in the replica's records, which re-queue them on recovery.
 * ``consensus_kv`` — the replica's own durable records (votes, certificates, checkpoint).
 * ``evidence`` — signed proof of Byzantine behaviour, served by ``consensus/evidence``.
-* ``audit`` — one row per client call outcome (who asked what, how it ended).
+* ``audit`` — one row per client call outcome (who asked what, how it ended). ``peer``
+  is the caller's client-certificate common name, or its address (``[::1]:53211``).
 
 Durability: WAL with ``synchronous=NORMAL`` by default. A committed transaction is in
 the WAL file (the OS page cache) before the call returns, so it survives ``kill -9`` of
@@ -270,8 +271,8 @@ class Store:
         problems = [" ".join(row[0].split()) for row in self._db.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
             raise StoreError(
-                f"the store {self.path} is damaged ({'; '.join(problems)}). In a cluster, move this node's data "
-                "directory aside and start it empty: it catches up from its peers. A single node has no peers: "
+                f"the store {self.path} is damaged ({'; '.join(problems)}). In a cluster, move this node's node.db* "
+                "files aside, keep its vote-guard.json, and start it: it catches up from its peers. A single node has no peers: "
                 "restore the directory from a backup (docs/OPERATIONS.md, Backups)"
             )
         self._db.executescript(SCHEMA)
@@ -474,7 +475,9 @@ class Store:
 
     def audit(self, peer: str | None, path: str, request_id: str | None, outcome: str) -> None:
         """Buffered: audit rows are written in groups by ``flush_audit`` (called by the
-        node every few hundred ms and on shutdown), not one transaction per call."""
+        node every few hundred ms and on shutdown), not one transaction per call.
+        ``peer`` names the caller (``node.service.audit_caller``): the common name of its
+        client certificate, else its address such as ``[::1]:53211``."""
         self._audit_buffer.append((time.time(), peer, path, request_id, outcome))
         if len(self._audit_buffer) >= 1000:
             self.flush_audit()

@@ -26,6 +26,7 @@ from consensus.actions import (
 )
 from consensus.byzantine import ByzantineReplica
 from consensus.keys import KeyRing, NodeKey, keyring_of
+from consensus.messages import COMMIT, NEW_VIEW, PRE_PREPARE, PREPARE, VIEW_CHANGE, decode
 from consensus.sim.app import HashChainApp, encode_request
 from consensus.sim.invariants import History, Violation, check_history
 from consensus.sim.network import CALM, Network
@@ -93,6 +94,10 @@ class Instance:
     stopped: bool = False  # crash-stop: never restarted
     incarnation: int = 0
     torn_crash_pending: bool = False
+    # The node's vote guard: the highest (view, seq) it signed, kept outside its store.
+    signed_bound: tuple[int, int] | None = None
+    backup: dict[str, bytes] | None = None  # an old copy of its store (amnesia scenarios)
+    amnesia_pending: bool = False  # restart from the backup, or empty, not from its store
 
 
 @dataclass(slots=True)
@@ -159,7 +164,7 @@ class Simulation:
         self._tried: dict[str, set[str]] = {}  # request id -> instances the client already asked
         self.stats: dict[str, int] = {k: 0 for k in (
             "submits", "duplicates", "retries", "deliveries", "crashes", "torn_crashes", "restarts", "partitions",
-            "view_changes", "state_transfers", "already_executed", "rejected", "evidence", "finals")}
+            "view_changes", "state_transfers", "already_executed", "rejected", "evidence", "finals", "amnesia")}
         self._build()
 
     # ------------------------------------------------------------------ setup
@@ -213,8 +218,10 @@ class Simulation:
         from consensus.replica import Replica
 
         inst.app = HashChainApp()
+        guarded = self.scenario.vote_guard and inst.mode is None and inst.incarnation > 0
         replica = Replica(self.config, inst.key, self.keyring, inst.app,
-                          durable=dict(inst.durable) if inst.incarnation else None, now_ms=self._clock(inst))
+                          durable=dict(inst.durable) if inst.incarnation else None, now_ms=self._clock(inst),
+                          signed_bound=inst.signed_bound if guarded else None)
         if inst.mode not in (None, "twin"):
             replica = ByzantineReplica(replica, inst.mode, inst.key, self.keyring,
                                        rng_seed=self.rng.randrange(2**32), split=self._split, collusion=self._collusion)
@@ -256,6 +263,15 @@ class Simulation:
             for victim in honest:
                 self._push(at, "crash", (victim, rng.random() < s.torn_crash_rate))
                 self._push(back, "restart", (victim,))
+        # One node at most: two forgetful validators of four are two faulty ones.
+        forgetful = rng.choice(honest) if s.amnesia and honest else None
+        for _ in range(s.amnesia):
+            victim = forgetful
+            backup_at = rng.randint(0, s.fault_ms // 2)
+            crash_at = rng.randint(backup_at + 50, s.fault_ms - 1)
+            self._push(backup_at, "backup", (victim,))
+            self._push(crash_at, "amnesia", (victim,))
+            self._push(min(crash_at + rng.randint(30, 600), s.fault_ms), "restart", (victim,))
         for victim in rng.sample(honest, min(s.down, len(honest))):
             self._push(rng.randint(0, s.fault_ms - 1), "stop", (victim,))
         names = sorted(self.instances)
@@ -383,6 +399,17 @@ class Simulation:
         else:
             self._crash(inst)
 
+    def _on_backup(self, name: str) -> None:
+        inst = self.instances[name]
+        inst.backup = dict(inst.durable)
+
+    def _on_amnesia(self, name: str) -> None:
+        """Crash; the restart finds the store rolled back to the backup, or emptied."""
+        inst = self.instances[name]
+        if inst.up:
+            self._crash(inst)
+        inst.amnesia_pending = True
+
     def _on_stop(self, name: str) -> None:
         inst = self.instances[name]
         inst.stopped = True
@@ -408,6 +435,11 @@ class Simulation:
             return
         self.stats["restarts"] += 1
         inst.up = True
+        if inst.amnesia_pending:
+            inst.amnesia_pending = False
+            self.stats["amnesia"] += 1
+            inst.durable = dict(inst.backup) if inst.backup is not None and self.rng.random() < 0.5 else {}
+            self._note(f"{inst.name}'s store went back in time: {len(inst.durable)} records left")
         self._note(f"restart {inst.name} with {len(inst.durable)} durable records")
         self._call(inst, lambda _r: self._start(inst) or [])
 
@@ -464,11 +496,36 @@ class Simulation:
         if inst.torn_crash_pending and actions:
             cut = self.rng.randint(0, len(actions))
             self.stats["torn_crashes"] += 1
+            self._guard(inst, [a.payload for a in actions[:cut] if isinstance(a, Send)])
             self._apply(inst, actions[:cut])
             self._crash(inst)
             return actions[:cut]
+        if inst.mode is None and inst.replica is not None:
+            self._guard(inst, [], inst.replica.signed_high)
         self._apply(inst, actions)
         return actions
+
+    def _guard(self, inst: Instance, sent: list[bytes], high: tuple[int, int] = (0, 0)) -> None:
+        """The node's vote guard (node/vote_guard.py): written after the pass's records
+        are durable and before its sends leave, so it covers every vote sent and never
+        exceeds what the store holds. A torn crash here stops mid-list: the guard then
+        covers the votes that did go out (each one's record precedes it in the list)."""
+        if inst.mode is not None:
+            return
+        view, seq = high
+        for payload in sent:
+            msg = decode(payload)
+            if msg.signer != inst.node_id:
+                continue
+            p = msg.payload
+            if msg.kind in (PRE_PREPARE, PREPARE, COMMIT):
+                view, seq = max(view, p.view), max(seq, p.seq)
+            elif msg.kind == VIEW_CHANGE:
+                view = max(view, p.new_view)
+            elif msg.kind == NEW_VIEW:
+                view = max(view, p.view)
+        old = inst.signed_bound or (0, 0)
+        inst.signed_bound = (max(view, old[0]), max(seq, old[1]))
 
     def _apply(self, inst: Instance, actions: list[Action]) -> None:
         for action in actions:

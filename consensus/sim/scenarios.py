@@ -43,6 +43,8 @@ class Scenario:
     partitions: int = 0  # partition episodes during the fault phase
     down: int = 0  # honest nodes that crash during the fault phase and never come back
     crash_all: bool = False  # once, every honest node crashes at the same moment (power cut)
+    amnesia: int = 0  # episodes: an honest node restarts from an old backup of its store, or an empty one
+    vote_guard: bool = True  # False: restarted replicas get no signed_bound (shows why it is needed)
     byzantine: tuple[str, ...] = ()  # one Byzantine node per entry, in that mode
     twins: int = 0  # twin pairs: two honest replicas sharing one key and node id
     split_honest: bool = False  # put honest nodes on twin sides too (the f+1 Twins attack)
@@ -90,6 +92,8 @@ SCENARIOS: dict[str, Scenario] = {
                  faults=LOSSY, crashes=3, client_retries=False, duplicate_submit_rate=0.0),
         Scenario("power-cut", "every node crashes at once (some mid-action-list) and restarts from disk",
                  faults=LOSSY, crash_all=True, crashes=1),
+        Scenario("amnesia", "nodes restart from an old backup of their store, or an empty one, with their "
+                 "vote guard: they must not contradict the votes they forgot", faults=LOSSY, amnesia=2),
         Scenario("skew", "clocks seconds apart (within max_clock_skew_ms)", faults=LOSSY, clock_skew_ms=5000),
         Scenario("twins", "one twin pair (two replicas, one key), each twin seen by some peers", faults=LOSSY, twins=1),
         Scenario("dedup-expiry", "timestamped requests over 12 s, each re-sent 9 s later, with an 8 s de-dup "

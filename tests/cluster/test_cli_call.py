@@ -315,3 +315,21 @@ def test_status_prints_a_long_error_whole_below_the_table(
     table, _, notes = out.partition("nodes reachable")
     assert "UNREACHABLE" in table and error not in table and error[:40] in table
     assert f"node-2: {error}" in notes
+
+
+def test_status_names_a_node_that_withholds_its_votes(
+        manifest: Manifest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def row(entry: Any, floor: dict[str, int] | None) -> dict[str, Any]:
+        return {"node_id": entry.node_id, "endpoint": entry.endpoint, "reachable": True, "view": 0, "leader": "node-1",
+                "last_executed_seq": 30, "stable_checkpoint_seq": 16, "results_stored": 30, "evidence": {},
+                "replica": {"view_change_target": None, "vote_floor": floor}}
+
+    async def status(_client: Any, *, deadline: float | None = None) -> list[dict[str, Any]]:
+        return [row(e, {"view": 0, "seq": 24} if e.node_id == "node-3" else None) for e in manifest.nodes]
+
+    monkeypatch.setattr(ClusterClient, "status", status)
+    assert main(["status", "--cluster", str(manifest.directory)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("node-") and " withholds " not in line}
+    assert "withholding" in lines["node-3"] and "healthy" in lines["node-2"]
+    assert "node-3 withholds its votes" in out and "reaches 24" in out

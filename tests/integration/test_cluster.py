@@ -230,3 +230,60 @@ def test_a_node_that_caught_up_by_state_transfer_answers_for_requests_it_skipped
     assert status["status"] == "Valid", status
     with sqlite3.connect(running.cluster.nodes["node-4"].data_dir / "node.db") as db:  # kept, not fetched again
         assert db.execute("SELECT COUNT(*) FROM results WHERE request_id = ?", (ids[0],)).fetchone()[0] == 1
+
+
+def test_a_validator_restored_from_an_old_backup_withholds_its_votes_then_rejoins(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """node-3's node.db is replaced by a backup taken 15 batches earlier. Its vote guard
+    (vote-guard.json, kept) says it signed more than the store remembers: it must not
+    vote on those slots again (it could contradict itself), the other three carry on, and
+    once their stable checkpoint passes what it had signed it votes again. No evidence
+    against it anywhere."""
+    running = make_cluster(4, common_args=["--checkpoint-interval", "4"])
+    node3 = running.cluster.nodes["node-3"]
+
+    async def load(count: int) -> list[str]:
+        ids = []
+        async with running.client() as client:
+            for _ in range(count):  # one at a time: one batch each
+                payload = running.factory.proofs()
+                answer = await client.validate_proofs(payload, wait_s=30)
+                assert answer["status"] == "Valid", answer
+                ids.append(payload["request_id"])
+        return ids
+
+    async def replica_status(node_id: str) -> dict[str, Any]:
+        async with running.client() as client:
+            return (await client.call_node(node_id, "cluster/status"))["replica"]
+
+    ids = asyncio.run(load(5))
+    backup = node3.data_dir.parent / "node-3-backup.db"
+    with sqlite3.connect(node3.data_dir / "node.db") as live, sqlite3.connect(backup) as copy:
+        live.backup(copy)
+    ids += asyncio.run(load(15))
+    signed = asyncio.run(replica_status("node-3"))
+    running.cluster.stop_node("node-3")
+    for suffix in ("", "-wal", "-shm"):
+        (node3.data_dir / f"node.db{suffix}").unlink(missing_ok=True)
+    backup.rename(node3.data_dir / "node.db")
+    assert (node3.data_dir / "vote-guard.json").exists()
+
+    running.cluster.start_node("node-3")
+    asyncio.run(running.cluster.wait_healthy(["node-3"], timeout_s=60))
+    floor = asyncio.run(replica_status("node-3"))["vote_floor"]
+    assert floor is not None and floor["seq"] >= signed["last_executed_seq"], (floor, signed)
+    assert "remembers less" in running.cluster.log_tail("node-3", 200)
+
+    ids += asyncio.run(load(floor["seq"] + 8 - len(ids)))  # the others go on, past the floor
+
+    async def lifted() -> bool:
+        status = await replica_status("node-3")
+        return status["vote_floor"] is None and status["stable_checkpoint_seq"] >= floor["seq"]
+
+    asyncio.run(wait_until(lifted, 60, "node-3 to vote again"))
+    asyncio.run(results_on_every_node(running, ids[-3:], ["node-1", "node-2", "node-3", "node-4"]))
+
+    async def evidence_anywhere() -> list[Any]:
+        async with running.client() as client:
+            return [e for n in ("node-1", "node-2", "node-4") for e in (await client.evidence(node_id=n))["evidence"]]
+
+    assert asyncio.run(evidence_anywhere()) == []

@@ -57,6 +57,7 @@ class _Span:
 
 class _Ctx:
     peer_identity = None
+    remote_address = ("::1", 53211, 0, 0)
 
     def __init__(self) -> None:
         self.response_metadata: dict[str, Any] = {}
@@ -71,7 +72,7 @@ def _driver(store: Store, metrics: NodeMetrics) -> ReplicaDriver:
     driver._out_pending, driver._out_records, driver._out_sends, driver._out_finals, driver._out_answers = [], [], [], [], []
     driver._flush_scheduled, driver._batch_timer, driver._batch_timer_at = False, None, None
     driver.failed, driver.on_fatal = None, None
-    driver._clock, driver._wall_offset_ms = SteadyClock(), 0
+    driver._clock, driver._wall_offset_ms, driver._guard = SteadyClock(), 0, None
     return driver
 
 

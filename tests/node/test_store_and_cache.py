@@ -255,7 +255,7 @@ def test_a_damaged_store_is_refused_at_start_not_served(tmp_path: Path) -> None:
     with open(path, "r+b") as handle:
         handle.seek(5 * 16384)  # a b-tree page's header
         handle.write(os.urandom(2048))
-    with pytest.raises(StoreError, match=r"is damaged \(.*btreeInitPage.*\)\. In a cluster, move this node's data directory aside"):
+    with pytest.raises(StoreError, match=r"is damaged \(.*btreeInitPage.*\)\. In a cluster, move this node's node.db\* files aside, keep its vote-guard.json"):
         Store(path, background_checkpoints=False)
     (tmp_path / "garbage.db").write_bytes(b"not a database" * 100)
     with pytest.raises(StoreError, match=r"cannot open the store .*garbage\.db: file is not a database"):

@@ -30,6 +30,8 @@ PLAN: list[tuple[str, int, int]] = [
     ("no-retry", 7, 6),
     ("power-cut", 4, 20),
     ("power-cut", 7, 6),
+    ("amnesia", 4, 25),
+    ("amnesia", 7, 6),
     ("byzantine-crash", 4, 20),
     ("byzantine-leader", 4, 20),
     ("byzantine-leader", 7, 6),
@@ -87,6 +89,23 @@ def test_checker_detects_f_plus_one_attacks(name: str, nodes: int) -> None:
             detected.append(f"seed {seed}: {result.safety_violations[0]}")
             break
     assert detected, f"{name} with {nodes} nodes: no safety violation detected in {ATTACK_SEEDS} seeds"
+
+
+def test_without_the_vote_guard_a_forgetful_node_contradicts_itself() -> None:
+    """The amnesia scenario passes because restarted replicas get their signed_bound:
+    without it, a validator restored from an old backup (or emptied) signs a second
+    pre-prepare or prepare for a slot it already voted on, and the checker sees valid
+    evidence against an honest node."""
+    import dataclasses
+
+    scenario = dataclasses.replace(SCENARIOS["amnesia"], vote_guard=False)
+    found = ""
+    for seed in range(40):  # not scaled by HYPERMESH_SIM_SEEDS: seeds 15 and 16 show it
+        result = run_seed(scenario, seed)
+        if any(v.kind == "evidence" for v in result.safety_violations):
+            found = str(result.safety_violations[0])
+            break
+    assert "against honest" in found, "no seed of 40 showed the forgetful node equivocating"
 
 
 def test_a_seed_replays_identically() -> None:
