@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +52,7 @@ class ResultRepair:
         self.per_round = per_round
         self.repaired = 0
         self._clients: dict[str, StoqClient] = {}
+        self._tls_files_seen: tuple[int, int] | None = None  # mtimes of our cert/key when the clients were made
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -66,10 +68,19 @@ class ResultRepair:
         for client in self._clients.values():
             await client.close()
 
-    def _client(self, entry: Any) -> StoqClient:
+    async def _client(self, entry: Any) -> StoqClient:
+        tls = self.client_tls
+        if tls is not None:
+            # Our certificate may have been renewed in place (OPERATIONS.md, "Rotating
+            # certificates and keys"): clients made with the old files are replaced.
+            seen = (os.stat(tls.cert_file).st_mtime_ns, os.stat(tls.key_file).st_mtime_ns)
+            if seen != self._tls_files_seen:
+                self._tls_files_seen = seen
+                old, self._clients = self._clients, {}
+                for stale in old.values():
+                    await stale.close()
         client = self._clients.get(entry.node_id)
         if client is None:
-            tls = self.client_tls  # read at each dial: the files may have been rotated
             cert = Path(tls.cert_file).read_bytes() if tls is not None else None
             key = Path(tls.key_file).read_bytes() if tls is not None else None
             client = StoqClient(entry.host, entry.port, ca_pem=self.manifest.ca_pem, server_name=entry.server_name,
@@ -130,8 +141,8 @@ class ResultRepair:
         executes one request per id, and the certificate proves which). The peer is
         asked to answer from its own store only (``local``): it never asks onwards."""
         try:
-            answer = await self._client(entry).call("consensus/validation_status",
-                                                    {"request_id": request_id, "local": True})
+            client = await self._client(entry)
+            answer = await client.call("consensus/validation_status", {"request_id": request_id, "local": True})
         except ApiError:
             return None
         if not isinstance(answer, dict) or answer.get("status") not in ("Valid", "Invalid", "Error"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -340,6 +341,25 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def audit_caller(peer_identity: str | None, remote_address: tuple[Any, ...] | None) -> str | None:
+    """Who made a call, for the audit table's ``peer`` column: the common name of the
+    client certificate the connection presented (or resumed a session with), else the
+    address it came from: ``[::1]:53211``, ``192.0.2.7:5000`` (an IPv4 client of a
+    dual-stack socket, ``::ffff:192.0.2.7``, is written as IPv4)."""
+    if peer_identity is not None:
+        return peer_identity
+    if not remote_address or len(remote_address) < 2:
+        return None
+    host, port = str(remote_address[0]), remote_address[1]
+    try:
+        mapped = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        mapped = None
+    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+        host = str(mapped.ipv4_mapped)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def wrap_handler(service: ValidationService, path: str, handler: Any) -> Any:
     """Around every handler: name the leader in the reply metadata, count errors by
     code, and write the audit row."""
@@ -347,21 +367,26 @@ def wrap_handler(service: ValidationService, path: str, handler: Any) -> Any:
     async def wrapped(payload: Any, ctx: Any) -> Any:
         request_id = payload.get("request_id") if isinstance(payload, dict) else None
         request_id = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+
+        def audit(outcome: str) -> None:
+            caller = audit_caller(ctx.peer_identity, ctx.remote_address)
+            service.driver.store.audit(caller, path, request_id, outcome)
+
         try:
             result = await handler(payload, ctx)
         except ApiError as exc:
             service.metrics.errors.labels(str(exc.code)).inc()
-            service.driver.store.audit(ctx.peer_identity, path, request_id, f"error:{exc.code}")
+            audit(f"error:{exc.code}")
             raise
         except Exception:  # a bug: the transport logs it and answers HandlerError
             service.metrics.errors.labels(str(ErrorCode.HandlerError)).inc()
-            service.driver.store.audit(ctx.peer_identity, path, request_id, f"error:{ErrorCode.HandlerError}")
+            audit(f"error:{ErrorCode.HandlerError}")
             raise
         finally:
             ctx.response_metadata.update(service.response_metadata())
         if path.startswith("consensus/validate"):
             status = result.get("status") if isinstance(result, dict) else None
-            service.driver.store.audit(ctx.peer_identity, path, request_id, f"ok:{status}")
+            audit(f"ok:{status}")
         return result
 
     return wrapped

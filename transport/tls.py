@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 ClientAuth = Literal["none", "optional", "required"]
+
+log = logging.getLogger("hypermesh.tls")
 
 
 class CertificateError(Exception):
@@ -165,24 +168,41 @@ class TlsConfig:
     _loaded: tuple[float, float, x509.Certificate, list[x509.Certificate], object] | None = field(
         default=None, repr=False
     )
+    _unusable: tuple[int | None, int | None] | None = field(default=None, repr=False)  # files' mtimes last refused
 
     def load(self) -> tuple[x509.Certificate, list[x509.Certificate], object]:
-        """(leaf, chain, private key), re-read when either file's mtime changed."""
-        cert_m = os.stat(self.cert_file).st_mtime_ns
-        key_m = os.stat(self.key_file).st_mtime_ns
-        if self._loaded is None or self._loaded[0] != cert_m or self._loaded[1] != key_m:
-            try:
-                certs = x509.load_pem_x509_certificates(Path(self.cert_file).read_bytes())
-                key = serialization.load_pem_private_key(Path(self.key_file).read_bytes(), password=None)
-                if certs[0].public_key() != key.public_key():  # type: ignore[union-attr]
-                    raise ValueError(f"{self.key_file} does not match the certificate in {self.cert_file}")
-            except ValueError:
-                # Mid-rotation (one file rewritten, not yet the other): keep serving the
-                # previous pair and look again on the next connection.
-                if self._loaded is None:
-                    raise
+        """(leaf, chain, private key), re-read when either file's mtime changed.
+
+        Once a pair is loaded, files that cannot be used (missing, unreadable, not PEM,
+        or a key that does not match the certificate) leave the previous pair in use:
+        that is the state between the two renames of a rotation, and a botched rotation
+        must not cut the node off from new clients and peers. It is logged once per
+        state of the files, and the files are looked at again on the next connection."""
+        cert_m: int | None = None
+        key_m: int | None = None
+        try:
+            cert_m = os.stat(self.cert_file).st_mtime_ns
+            key_m = os.stat(self.key_file).st_mtime_ns
+            if self._loaded is not None and self._loaded[0] == cert_m and self._loaded[1] == key_m:
                 return self._loaded[2], self._loaded[3], self._loaded[4]
-            self._loaded = (cert_m, key_m, certs[0], certs[1:], key)
+            certs = x509.load_pem_x509_certificates(Path(self.cert_file).read_bytes())
+            key = serialization.load_pem_private_key(Path(self.key_file).read_bytes(), password=None)
+            if certs[0].public_key() != key.public_key():  # type: ignore[union-attr]
+                raise ValueError(f"{self.key_file} does not match the certificate in {self.cert_file}")
+        except (OSError, ValueError) as exc:
+            if self._loaded is None:
+                raise
+            if self._unusable != (cert_m, key_m):
+                self._unusable = (cert_m, key_m)
+                log.warning("TLS files changed but cannot be used (%s); still using the certificate "
+                            "with serial %x until both files are readable and match", exc,
+                            self._loaded[2].serial_number)
+            return self._loaded[2], self._loaded[3], self._loaded[4]
+        if self._loaded is not None:
+            log.info("reloaded the TLS certificate and key from %s: serial %x, valid until %s", self.cert_file,
+                     certs[0].serial_number, certs[0].not_valid_after_utc.isoformat())
+        self._loaded = (cert_m, key_m, certs[0], certs[1:], key)
+        self._unusable = None
         return self._loaded[2], self._loaded[3], self._loaded[4]
 
     def reload(self) -> None:

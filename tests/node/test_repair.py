@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -41,6 +43,33 @@ def test_a_malformed_answer_from_one_peer_does_not_stop_repair() -> None:
             return {"status": "Valid", "result": result, "certificate": certificate, "view": view, "leader": "n0"}
 
     repair = ResultRepair(node_id="n0", manifest=manifest, store=store, adopt=adopted.append)
-    repair._client = lambda entry: Peer(entry.node_id)  # type: ignore[method-assign]
+    async def peer(entry: Any) -> Peer:
+        return Peer(entry.node_id)
+
+    repair._client = peer  # type: ignore[method-assign]
     assert asyncio.run(repair.repair_once()) == 1
     assert [(s.request_id, s.status, s.agreeing) for s in adopted] == [("r1", "Valid", 3)]
+
+
+def test_a_renewed_client_certificate_replaces_the_clients_made_with_the_old_one(tmp_path: Path) -> None:
+    """Peers that require client certificates must be shown the renewed one: repair's
+    clients are made again once our certificate or key file changed."""
+    from tests.transport.conftest import make_pki
+
+    tls = make_pki(tmp_path).tls("n0", "none")
+    entry = SimpleNamespace(node_id="n1", host="::1", port=1, server_name="n1")
+    manifest = SimpleNamespace(keyring=lambda: keyring_of([generate_node_key("n0", "Ed25519")]), nodes=[entry],
+                               cluster_id="c", n=1, ca_pem=b"")
+    repair = ResultRepair(node_id="n0", manifest=manifest, store=SimpleNamespace(), adopt=lambda _s: None,
+                          client_tls=tls)
+
+    async def body() -> None:
+        first = await repair._client(entry)
+        assert await repair._client(entry) is first
+        stat = os.stat(tls.cert_file)
+        os.utime(tls.cert_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # renewed in place
+        second = await repair._client(entry)
+        assert second is not first and first._closed
+        await repair.stop()
+
+    asyncio.run(body())
