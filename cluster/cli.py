@@ -318,7 +318,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if floor:
             errors.append(f"{row['node_id']} withholds its votes: its store remembers less than it signed (restored "
                           f"from a backup, or emptied); it votes again once the stable checkpoint reaches "
-                          f"{floor.get('seq')} (docs/OPERATIONS.md, Backups)")
+                          f"{floor.get('seq')} in view {floor.get('view')} or later (docs/OPERATIONS.md, Backups)")
         health = "withholding" if floor else "healthy"
         print(
             f"{row['node_id']:<10} {row['endpoint']:<22} {health:<12} {view:>5} {leader:<10} "

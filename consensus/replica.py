@@ -272,7 +272,9 @@ class Replica:
             self._probes_left = 2 * keyring.n
             self._last_probe_ms = now_ms - 10**9  # first probe on the first tick
         elif signed_bound is not None:
-            self._set_vote_floor(signed_bound)
+            self._set_vote_floor(signed_bound)  # an emptied store: catch up from peers at once
+            self._probes_left = 2 * keyring.n
+            self._last_probe_ms = now_ms - 10**9
 
     # ------------------------------------------------------------------ properties
 
@@ -755,12 +757,18 @@ class Replica:
         self._maybe_lift_floor()
 
     def _withheld(self, view: int, seq: int) -> bool:
+        """An order vote we may have cast, or promised not to cast, before the store
+        forgot: any slot at or below the floor seq in a view up to the floor view, and
+        every slot of an earlier view (our view-change for the floor view promised to
+        take part in none of them any more)."""
         floor = self._vote_floor
-        return floor is not None and view <= floor[0] and seq <= floor[1]
+        return floor is not None and (view < floor[0] or (view == floor[0] and seq <= floor[1]))
 
     def _may_sign_view_change(self, target: int) -> bool:
+        """Below the floor seq a view-change would omit prepared certificates we forgot;
+        from there on the stable checkpoint covers every slot we could have voted on."""
         floor = self._vote_floor
-        return floor is None or (target > floor[0] and self._stable.seq >= floor[1])
+        return floor is None or self._stable.seq >= floor[1]
 
     def _maybe_lift_floor(self) -> None:
         floor = self._vote_floor
@@ -1847,8 +1855,8 @@ class Replica:
         if own is not None:
             self._count("view_changes_resent")
             self._out.append(Send(own.raw))
-        elif self._vote_floor is not None and (own := self._sign_view_change(self._vc_target)) is not None:
-            self._out.append(Send(own.raw))  # withheld until the floor allowed it
+        elif (own := self._sign_view_change(self._vc_target)) is not None:
+            self._out.append(Send(own.raw))  # withheld by the vote floor until now
             if self._vc_quorum_at is None and len(asked) >= self.keyring.quorum:
                 self._vc_quorum_at = self._now
             self._try_new_view(self._vc_target)

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "waiting are then answered Pending (they are durable; poll validation_status) (default 5)")
     parser.add_argument("--sync-commits", action="store_true",
                         help="fsync every database commit and the vote guard (survives power loss, ~0.3 ms per batch); "
-                        "without it a validator that lost power withholds the votes it forgot (docs/OPERATIONS.md, Backups)")
+                        "without it a power cut can make a validator forget votes it sent (docs/OPERATIONS.md, Backups)")
     parser.add_argument("--batch-size", type=int, default=64, help="maximum requests per consensus batch (default 64)")
     parser.add_argument("--batch-delay-ms", type=int, default=5, help="close a partial batch after this long (default 5)")
     parser.add_argument("--checkpoint-interval", type=int, default=16, help="batches between checkpoints (default 16)")

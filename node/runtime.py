@@ -127,8 +127,9 @@ class ReplicaDriver:
                         "from a backup, WAL lost, or emptied): it withholds its votes at or below that seq until the "
                         "cluster's stable checkpoint passes it, and counts as one of the f faulty nodes until then",
                         floor[0], floor[1], store.path)
-        if vote_guard is not None:
-            vote_guard.raise_to(replica.signed_high)  # a new node, or one from before the guard: start the file
+        # The guard is written by _flush, after the records the constructor queued are
+        # committed: writing signed_high now could put a vote on file that a crash
+        # before that commit would leave out of the store (a false floor next time).
         self._now()  # the wall clock's offset, before anything is proposed
         self.tick_interval_s = tick_interval_s
         self._waiters: dict[str, list[Waiter]] = {}

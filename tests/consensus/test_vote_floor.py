@@ -171,3 +171,59 @@ def test_a_leader_below_its_floor_proposes_nothing_and_arms_no_batch_timer() -> 
     c.handle(leader, node.replica.propose(c.now + 100))
     assert _sent(node, "pre-prepare") == []
     assert node.replica.batch_deadline_ms() is None  # a driver would otherwise re-arm it at once, forever
+
+
+def test_a_floor_lifted_during_a_view_change_sends_the_withheld_view_change() -> None:
+    """The leader dies while an emptied follower still withholds its view-change; once
+    state transfer lifts its floor, its view-change must go out: the other two live
+    nodes need it for 2f+1 (review of the vote guard: it was never sent)."""
+    c = Cluster(4, _config())
+    leader, follower = c.ids[0], c.ids[3]
+    for i in range(12):
+        c.submit(leader, f"a{i}", b"a%d" % i)
+        c.run(50)
+    bound = c.nodes[follower].replica.signed_high
+    c.crash(leader)
+    node = _restart(c, follower, {}, bound)
+    assert node.replica.vote_floor == bound
+    for nid in c.ids[1:]:
+        c.handle(nid, c.nodes[nid].replica.submit("b", b"b", c.now))
+    c.run(30000)
+    assert node.replica.vote_floor is None
+    assert [v.new_view for v in _sent(node, "view-change")] == [1]
+    assert [c.nodes[n].replica.view for n in c.ids[1:]] == [1, 1, 1]
+    assert c.nodes[c.ids[1]].replica.executed_seq("b") is not None
+
+
+def test_a_node_that_asked_for_a_view_alone_and_forgot_votes_in_no_earlier_view() -> None:
+    """Cut off, it asked for view 1 alone (its view-change promised: no more votes in
+    view 0), then lost its store. Floor (1, 1): no prepare or commit in view 0, however
+    far the others order; once its checkpoint covers the floor seq it may ask for a new
+    view again, and the cluster changes view when the leader dies."""
+    c = Cluster(4, _config())
+    leader, cut = c.ids[0], c.ids[3]
+    c.submit(leader, "a0", b"a0")
+    c.run(50)
+    c.drop = lambda _s, d, _data: d == cut
+    c.submit(cut, "x", b"x")
+    c.run(5000)
+    bound = c.nodes[cut].replica.signed_high
+    assert bound[0] == 1
+    c.drop = lambda _s, _d, _data: False
+    node = _restart(c, cut, {}, bound)
+    for i in range(20):
+        c.submit(leader, f"z{i}", b"z%d" % i)
+        c.run(100)
+    c.run(3000)
+    assert [(p.view, p.seq) for p in _sent(node, "prepare") + _sent(node, "commit")] == []
+    assert node.replica.stable_checkpoint_seq >= 20 and node.replica.vote_floor == bound
+    for nid in c.ids[1:3]:  # they forget its old view-change: the new view needs a fresh one
+        c.restart(nid)
+        c.handle(nid, c.nodes[nid].replica.tick(c.now))
+    c.run(3000)
+    c.crash(leader)
+    for nid in c.ids[1:]:
+        c.handle(nid, c.nodes[nid].replica.submit("w", b"w", c.now))
+    c.run(30000)
+    assert [c.nodes[n].replica.view for n in c.ids[1:]] == [1, 1, 1]
+    assert node.replica.vote_floor is None and c.nodes[c.ids[1]].replica.executed_seq("w") is not None

@@ -66,6 +66,8 @@ def test_a_pre_prepare_leaves_only_once_the_guard_covers_it_and_an_emptied_store
 
     async def propose_one() -> None:
         driver = _driver(manifest, tmp_path, send)  # node-1 leads view 0
+        # Not before the first pass: the records the constructor queued are not committed yet.
+        assert not (tmp_path / "vote-guard.json").exists()
         await driver.start()
         try:
             request = parse_request("proofs", ProofFactory(manifest.validation_params()).proofs("req-guard"))
