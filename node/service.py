@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -351,12 +350,8 @@ def audit_caller(peer_identity: str | None, remote_address: tuple[Any, ...] | No
     if not remote_address or len(remote_address) < 2:
         return None
     host, port = str(remote_address[0]), remote_address[1]
-    try:
-        mapped = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        mapped = None
-    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
-        host = str(mapped.ipv4_mapped)
+    if host.startswith("::ffff:") and "." in host:  # the kernel's form of a mapped IPv4 address
+        host = host[len("::ffff:"):]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
