@@ -75,6 +75,21 @@ def _node_address(options: InitOptions, index: int) -> tuple[str, str, tuple[str
     return node_id, address, parse_endpoint(address, options.base_port)
 
 
+def _refuse_shared_addresses(template: str, addresses: Sequence[tuple[str, str, tuple[str, int]]]) -> None:
+    """Two nodes at one host:port cannot both listen there, and peers would reach the
+    wrong one: refuse the template before anything is written."""
+    first: dict[tuple[str, int], str] = {}
+    for node_id, address, (host, port) in addresses:
+        # One host, however it is spelt: ::1 and 0::1 are one IP; DNS names ignore case.
+        key = (ipaddress.ip_address(host).compressed if _is_ip(host) else host.lower(), port)
+        if key in first:
+            raise ManifestError(
+                f"--address-template {template!r}: {first[key]} and {node_id} would both be at {address}; each node "
+                "needs its own host:port: put {i} or {id} in the host, or {port} (base-port+i-1) as the port"
+            )
+        first[key] = node_id
+
+
 def init_cluster(out: Path, options: InitOptions, progress: Callable[[str], None] = lambda _m: None) -> Manifest:
     out = Path(out)
     if options.nodes < 1:
@@ -89,6 +104,7 @@ def init_cluster(out: Path, options: InitOptions, progress: Callable[[str], None
         )
     # Everything that can be refused is checked before anything is written or replaced.
     addresses = [_node_address(options, index) for index in range(1, options.nodes + 1)]
+    _refuse_shared_addresses(options.address_template, addresses)
     kem_public, kem_private = kem_scheme("ML-KEM-1024").generate()
     params = _validation_params(kem_public, options.validation_overrides)
     if (out / "manifest.json").exists():

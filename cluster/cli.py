@@ -8,6 +8,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -86,10 +87,27 @@ def _parse_json(data: str | bytes, what: str) -> Any:
         raise CliError(f"{what}: not valid JSON ({exc})") from None
 
 
-def _endpoints(values: list[str] | None) -> list[tuple[str, int]] | None:
-    from .manifest import parse_endpoint
+def _endpoint(text: str) -> tuple[str, int]:
+    """``--endpoint HOST:PORT`` (an argparse type). The port is required: the docs always
+    give one, and a silent default hid '::1:9600' being read as a host."""
+    from .manifest import ManifestError, parse_endpoint
 
-    return [parse_endpoint(v) for v in values] if values else None
+    try:
+        return parse_endpoint(text, default_port=None)
+    except ManifestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _timeout_seconds(text: str) -> float:
+    """``--timeout SECONDS`` (an argparse type): 0, negative or endless would only give a
+    confusing "ran out" (or never end), so they are usage errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text}: must be a number of seconds above 0, e.g. 30 or 0.5")
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +246,7 @@ async def _with_client(args: argparse.Namespace, work: Any) -> Any:
 
     deadline = time.monotonic() + args.timeout
     async with ClusterClient.from_manifest(
-        Path(args.cluster), endpoints=_endpoints(getattr(args, "endpoint", None)), timeout_s=args.timeout,
+        Path(args.cluster), endpoints=getattr(args, "endpoint", None), timeout_s=args.timeout,
         client_cert=client_certificate(Path(args.cluster), getattr(args, "client_cert", None)),
     ) as client:
         try:
@@ -297,6 +315,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = asyncio.run(_with_client(args, lambda c, deadline: c.status(deadline=deadline)))
     if args.json:
         print(json.dumps(to_json(rows), indent=2))
+        _raise_if_timeout_ran_out(args, rows)
         return 0
     header = f"{'node':<10} {'endpoint':<22} {'health':<12} {'view':>5} {'leader':<10} {'last seq':>9} {'checkpoint':>10} {'results':>8} {'evidence':>8}"
     print(header)
@@ -332,10 +351,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .manifest import load_manifest
 
     manifest = load_manifest(Path(args.cluster))
-    if len(rows) == manifest.n and reachable < 2 * manifest.f + 1:
-        print(f"NO QUORUM: the cluster needs {2 * manifest.f + 1} of its {manifest.n} validators to order requests; "
-              "requests accepted meanwhile stay Pending")
+    if len(rows) == manifest.n:
+        verdict = _quorum_verdict(rows, manifest.n, 2 * manifest.f + 1)
+        if verdict:
+            print(verdict)
+    _raise_if_timeout_ran_out(args, rows)
     return 0 if reachable == len(rows) else 1
+
+
+def _quorum_verdict(rows: list[dict[str, Any]], n: int, quorum: int) -> str | None:
+    """NO QUORUM only when nodes answered and too few are up. A node this client could
+    not ask (its --timeout ran out, TLS refused) says nothing about the cluster."""
+    if sum(1 for r in rows if r.get("reachable")) >= quorum:
+        return None
+    unknown = [r for r in rows if not r.get("reachable") and r.get("client_side")]
+    if unknown:
+        why = "; ".join(sorted({_client_side_reason(r) for r in unknown}))
+        return (f"cannot tell whether the cluster has a quorum: this client could not ask {len(unknown)} of the "
+                f"{n} nodes ({why}): a problem on this client's side, which says nothing of whether they are up")
+    if not any(r.get("reachable") for r in rows):
+        return (f"no node answered: is the cluster running, and are these its addresses (--cluster, --endpoint)? "
+                f"It needs {quorum} of its {n} validators to order requests")
+    return (f"NO QUORUM: the cluster needs {quorum} of its {n} validators to order requests; "
+            "requests accepted meanwhile stay Pending")
+
+
+def _client_side_reason(row: dict[str, Any]) -> str:
+    if row.get("error_code") == "Unauthorized":
+        return "TLS refused: check that --cluster is this cluster's directory, with its ca.pem and client certificate"
+    return "this client's --timeout ran out first: try a longer one"
+
+
+def _raise_if_timeout_ran_out(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Running out of --timeout exits 2 with error Timeout, as for call and evidence."""
+    from transport.envelope import ApiError, ErrorCode
+
+    late = [r["node_id"] for r in rows if r.get("deadline_passed")]
+    if late:
+        raise ApiError(ErrorCode.Timeout, f"--timeout {args.timeout:g}s ran out: no answer to cluster/status from "
+                                          f"{', '.join(late)}")
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -369,8 +423,17 @@ def _evidence_limit(text: str) -> int:
 
 
 def cmd_evidence(args: argparse.Namespace) -> int:
-    result = asyncio.run(_with_client(
-        args, lambda c, deadline: c.evidence(args.node, args.accused, args.limit, deadline=deadline)))
+    from .manifest import ManifestError
+
+    async def work(client: Any, deadline: float) -> Any:
+        if args.accused is not None:
+            try:
+                client.manifest.node(args.accused)  # a node would answer an unknown id with nothing
+            except ManifestError as exc:
+                raise CliError(f"--accused: {exc}") from None
+        return await client.evidence(args.node, args.accused, args.limit, deadline=deadline)
+
+    result = asyncio.run(_with_client(args, work))
     print(json.dumps(to_json(result), indent=2))
     return 0
 
@@ -380,14 +443,17 @@ def cmd_evidence(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _client_options(parser: argparse.ArgumentParser, timeout_s: float = 30.0) -> None:
+def _client_options(parser: argparse.ArgumentParser, bounds: str, timeout_s: float = 30.0,
+                    ran_out: str = "the command exits 2 with error Timeout") -> None:
+    """--cluster, --endpoint, --timeout, --client-cert; ``bounds`` says what --timeout covers
+    for this command, ``ran_out`` what happens when it runs out."""
     parser.add_argument("--cluster", default=DEFAULT_CLUSTER_DIR, metavar="DIR",
                         help=f"cluster directory with manifest.json and ca.pem (default: {DEFAULT_CLUSTER_DIR}, or $HYPERMESH_CLUSTER)")
-    parser.add_argument("--endpoint", action="append", metavar="HOST:PORT",
-                        help="connect here instead of the manifest's addresses (repeatable; e.g. [::1]:9292)")
-    parser.add_argument("--timeout", type=float, default=timeout_s, metavar="SECONDS",
-                        help="bound on the whole command: connecting, trying other nodes, retries and (call) "
-                        f"waiting for a final result; when it runs out the command fails with error Timeout "
+    parser.add_argument("--endpoint", action="append", metavar="HOST:PORT", type=_endpoint,
+                        help="connect here instead of the manifest's addresses (repeatable); the port is required, "
+                        "an IPv6 address goes in brackets: [::1]:9292, node-1:9292")
+    parser.add_argument("--timeout", type=_timeout_seconds, default=timeout_s, metavar="SECONDS",
+                        help=f"bound on the whole command: {bounds}; when it runs out {ran_out} "
                         f"(default {timeout_s:g})")
     parser.add_argument("--client-cert", metavar="DIR",
                         help="directory with tls.pem and tls.key to present to nodes that require client "
@@ -429,8 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--nodes", type=int, default=4, help="number of validators n; n = 3f+1 tolerates f faults (default 4)")
     init.add_argument("--out", required=True, metavar="DIR", help="directory to create (refuses to overwrite without --force)")
     init.add_argument("--address-template", default="[::1]:{port}", metavar="TEMPLATE",
-                      help="each node's address; {i} is the node number (1..n), {port} is base-port+i-1 "
-                      "(default '[::1]:{port}')")
+                      help="each node's HOST:PORT (IPv6 in brackets); {i} is the node number (1..n), {id} the "
+                      "node id (node-{i}), {port} is base-port+i-1; without a port every node gets --base-port, so "
+                      "each needs its own host. No two nodes may share a host:port (default '[::1]:{port}')")
     init.add_argument("--base-port", type=int, default=9292, help="first port for {port} (default 9292)")
     init.add_argument("--signing-scheme", default="ML-DSA-65",
                       choices=("ML-DSA-87", "ML-DSA-65", "ML-DSA-44", "FALCON-1024", "Ed25519"),
@@ -462,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="validation parameter for a new cluster (repeatable; see 'cluster init --help')")
     up.add_argument("--log-level", default="info", choices=("trace", "debug", "info", "warn", "error"),
                     help="every node's log level (default info); logs go to DIR/logs/<node-id>.log")
-    up.add_argument("--timeout", type=float, default=60.0,
+    up.add_argument("--timeout", type=_timeout_seconds, default=60.0,
                     help="seconds to wait for the nodes to become healthy (default 60)")
     up.add_argument("--restart", choices=("on-failure", "no"), default="on-failure",
                     help="a node that fails (crash, kill -9: a non-zero exit) is started again and catches up "
@@ -489,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--node", metavar="ID", help="ask this node only (no failover), also while waiting for a result")
     call.add_argument("--full", action="store_true", help="also print the certified result bytes and certificate")
     call.add_argument("--raw", action="store_true", help="write the answer as msgpack to stdout")
-    _client_options(call)
+    _client_options(call, "connecting, trying other nodes, retries and waiting for a final result")
     call.set_defaults(func=cmd_call)
 
     status = sub.add_parser("status", help="a table of nodes: health, view, leader, last committed sequence, evidence",
@@ -498,15 +565,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "results stored and evidence recorded. Exit 1 when a node is unreachable.",
                             epilog="Example: hypermesh status --cluster .cluster")
     status.add_argument("--json", action="store_true", help="print every node's cluster/status as JSON")
-    _client_options(status)
+    _client_options(status, "connecting to every node and its answer")
     status.set_defaults(func=cmd_status)
 
-    health = sub.add_parser("health", help="exit 0 when the node answers consensus/health healthy (for health checks)",
-                            description="Call consensus/health once and exit 0 if the answer is 'healthy', 1 "
-                            "otherwise (unreachable, unhealthy, timed out). Meant for container health checks.",
+    health = sub.add_parser("health", help="exit 0 when a node answers consensus/health healthy (for health checks)",
+                            description="Call consensus/health and exit 0 if the answer is 'healthy', 1 otherwise "
+                            "(unreachable, unhealthy, timed out); print which node answered. One node is checked: "
+                            "with one --endpoint, the node there; otherwise the first node of the manifest (or of "
+                            "the --endpoint list) that answers, the next one tried when a node cannot be reached. So "
+                            "exit 0 without --endpoint means some node is healthy, not all of them ('hypermesh "
+                            "status' shows every node). Meant for container health checks: give the container's "
+                            "own node as --endpoint.",
                             epilog="Example: hypermesh health --cluster /cluster --endpoint [::1]:9292")
     health.add_argument("-v", "--verbose", action="store_true", help="print the whole health document")
-    _client_options(health, timeout_s=5.0)  # a health probe must answer fast
+    _client_options(health, "connecting, trying other nodes and retries", timeout_s=5.0,  # a probe must answer fast
+                    ran_out="the node counts as unhealthy: exit 1")
     health.set_defaults(func=cmd_health)
 
     evidence = sub.add_parser("evidence", help="Byzantine evidence a node has recorded (signed, re-checkable)",
@@ -524,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     evidence.add_argument("--accused", metavar="ID", help="only evidence against this node")
     evidence.add_argument("--limit", type=_evidence_limit, metavar="N",
                           help=f"at most N entries, newest first (1..{EVIDENCE_LIMIT_MAX}; default: the node's, 100)")
-    _client_options(evidence)
+    _client_options(evidence, "connecting, trying other nodes and retries")
     evidence.set_defaults(func=cmd_evidence)
 
     for module_name in ("cluster.proofs_cli", "cluster.simulate_cli"):

@@ -46,6 +46,21 @@ class UnverifiedResult(Exception):
     """A node returned a result whose certificate does not verify against the manifest."""
 
 
+class NodeCallError(ApiError):
+    """A transport failure (unreachable, TLS, no answer) talking to one node: the message
+    names the node and its address, so an error that reaches the user says which one
+    failed; ``cause`` is the transport's own error."""
+
+    def __init__(self, entry: NodeEntry, cause: ApiError) -> None:
+        super().__init__(cause.code, f"{_where(entry)}: {cause.message}")
+        self.cause = cause
+
+
+def _where(entry: NodeEntry) -> str:
+    # An --endpoint entry's id is its address already.
+    return entry.endpoint if entry.node_id == entry.endpoint else f"{entry.node_id} at {entry.endpoint}"
+
+
 class DeadlineExceeded(ApiError):
     """The caller's ``deadline`` passed before the call was done. A ``Timeout`` error, so
     code that handles timeouts needs no change; ``detail`` says what was still missing."""
@@ -149,8 +164,8 @@ class ClusterClient:
         except ApiError as exc:
             cut_short = exc.code in (ErrorCode.Timeout, ErrorCode.TransportError)  # what a spent budget gives
             if cut_short and deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"no answer to {path} (last tried {entry.node_id}: {exc})") from None
-            raise
+                raise DeadlineExceeded(f"no answer to {path} (last tried {_where(entry)}: {exc})") from None
+            raise NodeCallError(entry, exc) from None
 
     async def call_node(
         self, node_id: str, path: str, payload: Any = None, timeout_s: float | None = None,
@@ -159,7 +174,8 @@ class ClusterClient:
         """One call to one named node, no failover."""
         entry = next((e for e in self.endpoints if e.node_id == node_id), None)
         if entry is None:
-            raise ApiError(ErrorCode.NotFound, f"node {node_id!r} is not among this client's endpoints")
+            known = ", ".join(e.node_id for e in self.endpoints)
+            raise ApiError(ErrorCode.NotFound, f"node {node_id!r} is not among this client's endpoints (known: {known})")
         response = await self._call_full(entry, path, payload, timeout_s, deadline)
         self._note_leader(response.metadata)
         if not response.ok:
@@ -405,7 +421,12 @@ class ClusterClient:
                 status = await self.call_node(entry.node_id, "cluster/status", timeout_s=3.0, deadline=deadline)
                 return {"node_id": entry.node_id, "endpoint": entry.endpoint, "reachable": True, **status}
             except ApiError as exc:
-                return {"node_id": entry.node_id, "endpoint": entry.endpoint, "reachable": False, "error": str(exc)}
+                # The row names the node already; the CLI tells this client's own failures
+                # (its deadline, TLS refused) from a node that is down.
+                cause = exc.cause if isinstance(exc, NodeCallError) else exc
+                return {"node_id": entry.node_id, "endpoint": entry.endpoint, "reachable": False, "error": str(cause),
+                        "error_code": str(exc.code), "deadline_passed": isinstance(exc, DeadlineExceeded),
+                        "client_side": isinstance(exc, DeadlineExceeded) or exc.code == ErrorCode.Unauthorized}
 
         return list(await asyncio.gather(*(one(e) for e in self.endpoints)))
 

@@ -16,6 +16,7 @@ Layout of a cluster directory made by ``hypermesh cluster init``::
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ def unb64(text: Any, what: str) -> bytes:
         raise ManifestError(f"{what}: not valid base64 ({exc})") from None
 
 
-def parse_endpoint(text: str, default_port: int = 9292) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port``, ``host`` or a bare IPv6 address -> (host, port)."""
+def parse_endpoint(text: str, default_port: int | None = 9292) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, ``host`` or a bare IPv6 address -> (host, port).
+    With ``default_port=None`` the port is required, and so are the brackets of an IPv6
+    address: unbracketed, ``::1:9600`` is host ``::1:9600``, not port 9600 of ``::1``."""
     text = text.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -54,8 +57,12 @@ def parse_endpoint(text: str, default_port: int = 9292) -> tuple[str, int]:
         host, port_text = text.split(":")
     else:
         host, port_text = text, ""
+        if default_port is None and ":" in text:
+            raise ManifestError(_brackets_needed(text))
     if not host:
         raise ManifestError(f"endpoint {text!r}: missing host")
+    if not port_text and default_port is None:
+        raise ManifestError(f"endpoint {text!r}: give the port too, HOST:PORT (e.g. {format_endpoint(host, 9292)})")
     try:
         port = int(port_text) if port_text else default_port
     except ValueError:
@@ -63,6 +70,17 @@ def parse_endpoint(text: str, default_port: int = 9292) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ManifestError(f"endpoint {text!r}: port out of range")
     return host, port
+
+
+def _brackets_needed(text: str) -> str:
+    """The error for an unbracketed IPv6 address: the bracketed forms it may have meant."""
+    host, _, port = text.rpartition(":")
+    try:
+        ipaddress.IPv6Address(host)
+        guess = f"[{host}]:{port} (port {port} of {host}), or " if port.isdigit() else ""
+    except ValueError:
+        guess = ""
+    return f"endpoint {text!r}: write an IPv6 address in brackets before the port: {guess}[{text}]:PORT"
 
 
 def format_endpoint(host: str, port: int) -> str:
@@ -149,7 +167,8 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ManifestError(
-            f"no cluster manifest at {path}; create one with 'hypermesh cluster init --out {directory}'"
+            f"no cluster manifest at {path}; point at an existing cluster directory with --cluster DIR "
+            f"(hypermesh also reads HYPERMESH_CLUSTER), or create one with 'hypermesh cluster init --out {directory}'"
         ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read the manifest ({exc})") from None

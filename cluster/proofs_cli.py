@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import secrets
 import time
@@ -44,13 +45,16 @@ examples:
 JSON output writes bytes as "base64:<standard base64>" strings, the form that
 `hypermesh call --payload`/`--payload-file` reads (and prints); --out writes msgpack.
 
-The manifest is JSON with a "validation" section (ValidationParams.to_json_dict()); a
-bare validation object works too. Without --manifest the defaults are used with a fresh
-cluster KEM key, which no real cluster can open (its validators answer space.aead_failed):
-fine for trying things, not for a cluster.
+The cluster's manifest is found as by the other commands: --cluster DIR, else
+$HYPERMESH_CLUSTER, else .cluster when it holds one; --manifest FILE names the file itself
+(JSON with a "validation" section, ValidationParams.to_json_dict(); a bare validation
+object works too). With no manifest the defaults are used with a fresh cluster KEM key,
+which no real cluster can open (its validators answer space.aead_failed): fine for trying
+things, not for a cluster. With a manifest, --scheme (or --key) must be one of its
+accepted stake schemes.
 
 --broken PROOF[:HOW] builds a proof whose only defect is the one named; validators of the
-cluster given with --manifest must answer with the listed reason code. Without --manifest
+cluster whose manifest is used must answer with the listed reason code. With no manifest
 the space proof is sealed to a key no cluster holds, and a cluster answers space.aead_failed
 as well, or instead:
 """ + "\n".join(f"  {p + ':' + h:<18} -> {code}" for p, hows in FAULTS.items() for h, code in hows.items())
@@ -76,11 +80,29 @@ def _b64(value: Any) -> Any:
     return value
 
 
+def _manifest_path(args: argparse.Namespace) -> str | None:
+    """The manifest to build for: --manifest FILE, else that of --cluster DIR or
+    $HYPERMESH_CLUSTER (a cluster was named: it must be there), else .cluster's if any.
+    The same directories the other commands use, so proofs open on the cluster they call."""
+    from .manifest import load_manifest
+
+    if args.manifest is not None and args.cluster is not None:
+        raise CliError("give --manifest FILE or --cluster DIR, not both")
+    if args.manifest is not None:
+        return args.manifest
+    named = args.cluster or os.environ.get("HYPERMESH_CLUSTER")
+    if named:
+        return str(load_manifest(named).directory / "manifest.json")  # a ManifestError says what to do
+    default = Path(".cluster") / "manifest.json"
+    return str(default) if default.exists() else None
+
+
 def _load_params(path: str | None) -> ValidationParams:
     if path is None:
         public, _private = kem_scheme("ML-KEM-1024").generate()
-        print("warning: no --manifest given; using default parameters and a fresh cluster KEM key "
-              "(proofs sealed to it open on no real cluster)", file=sys.stderr)
+        print("warning: no cluster manifest (no --cluster, --manifest, $HYPERMESH_CLUSTER or .cluster); using "
+              "default parameters and a fresh cluster KEM key (proofs sealed to it open on no real cluster)",
+              file=sys.stderr)
         return ValidationParams(kem_public_key=public)
     data = json.loads(Path(path).read_text())
     if isinstance(data, dict) and "validation" not in data and "kem_public_key" not in data:
@@ -123,19 +145,32 @@ def _parse_broken(value: str) -> tuple[str, str]:
     return proof, how
 
 
+def _check_scheme(scheme: str, params: ValidationParams, what: str) -> None:
+    """A stake scheme the cluster does not accept only gets stake.unsupported_scheme back."""
+    if scheme not in params.accepted_stake_schemes:
+        raise CliError(f"{what}: the cluster accepts stake signatures in {', '.join(params.accepted_stake_schemes)} "
+                       f"only, not {scheme} (use --broken stake:scheme to be refused on purpose)")
+
+
 def cmd_make(args: argparse.Namespace) -> int:
+    manifest = _manifest_path(args)
     try:
-        params = _load_params(args.manifest)
+        params = _load_params(manifest)
     except (OSError, ValueError, DecodeError) as exc:
-        raise CliError(f"cannot read --manifest: {exc}") from None
+        raise CliError(f"cannot read the manifest {manifest}: {exc}") from None
     fault = args.broken
     if fault is not None and args.kind == "proofs" and fault[0] in ("csr", "policy"):
         raise CliError("csr/policy faults need --kind certificate")
-    if fault is not None and args.manifest is None:
-        print(f"warning: --broken without --manifest: the space proof is sealed to a key no cluster holds, so a "
-              f"cluster answers space.aead_failed as well as, or instead of, {FAULTS[fault[0]][fault[1]]}",
+    if fault is not None and manifest is None:
+        print(f"warning: --broken without a cluster manifest: the space proof is sealed to a key no cluster holds, so "
+              f"a cluster answers space.aead_failed as well as, or instead of, {FAULTS[fault[0]][fault[1]]}",
               file=sys.stderr)
+    check_scheme = manifest is not None and fault != ("stake", "scheme")  # that fault picks its own scheme
+    if check_scheme and args.key is None:
+        _check_scheme(args.scheme, params, f"--scheme {args.scheme}")
     holder = _load_holder(args.key, args.scheme)
+    if check_scheme and args.key is not None:
+        _check_scheme(holder.scheme, params, f"--key {args.key} (scheme {holder.scheme})")
     now = args.timestamp_ms if args.timestamp_ms is not None else int(time.time() * 1000)
     request_id = args.request_id or f"req-{secrets.token_hex(8)}"
     storage = StorageCommitment.generate(max(args.storage_bytes or params.min_space_bytes, 2048) // 1024 * 1024, 1024)
@@ -205,12 +240,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     make.add_argument("--kind", choices=("proofs", "certificate"), default="proofs",
                       help="proofs -> consensus/validate_proofs; certificate -> consensus/validate_certificate "
                       "(default proofs)")
+    make.add_argument("--cluster", metavar="DIR",
+                      help="cluster directory whose manifest.json to build for (default: $HYPERMESH_CLUSTER, else "
+                      ".cluster when it holds one)")
     make.add_argument("--manifest", "--params", dest="manifest", metavar="FILE",
-                      help="cluster manifest JSON (its 'validation' section gives the KEM key, difficulty, minimums)")
+                      help="cluster manifest JSON (its 'validation' section gives the KEM key, difficulty, minimums); "
+                      "instead of --cluster")
     make.add_argument("--key", metavar="FILE", help="holder key from 'proofs keygen' (default: a one-off key)")
     make.add_argument("--scheme", default="FALCON-1024",
                       choices=("FALCON-1024", "ML-DSA-87", "ML-DSA-65", "ML-DSA-44", "Ed25519"),
-                      help="stake signature scheme for a one-off key (default FALCON-1024)")
+                      help="stake signature scheme for a one-off key (default FALCON-1024); one the cluster's "
+                      "manifest accepts")
     make.add_argument("--amount", type=_non_negative, help="stake amount (default: the cluster minimum)")
     make.add_argument("--timestamp-ms", type=int, help="time proof in Unix ms (default: now); must be within the "
                       "cluster's offset of consensus time and after this holder's last accepted one")

@@ -20,8 +20,18 @@ from consensus.sim.scenarios import SCENARIOS, scenario_for
 ALL = "all"
 
 
+def _count_of_seeds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1 seed (0 would run nothing and report success)")
+    return value
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seeds", type=int, default=100, help="how many seeds per scenario (default 100)")
+    parser.add_argument("--seeds", type=_count_of_seeds, default=100, help="how many seeds per scenario (default 100)")
     parser.add_argument("--start", type=int, default=0, help="first seed (default 0)")
     parser.add_argument("--seed", type=int, default=None, help="replay exactly this one seed, with its timeline")
     parser.add_argument("--nodes", type=int, choices=(4, 7), default=None, help="cluster size (default: the scenario's)")

@@ -168,7 +168,7 @@ def test_health_help_states_the_real_default_timeout(capsys: pytest.CaptureFixtu
 def test_proofs_make_json_is_what_call_payload_file_reads(
         tmp_path: Path, manifest: Manifest, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["proofs", "make", "--request-id", "pipe-1", "--scheme", "Ed25519",
+    argv = ["proofs", "make", "--request-id", "pipe-1", "--scheme", "ML-DSA-44",
             "--manifest", str(manifest.directory / "manifest.json")]
     assert main(argv) == 0
     path = tmp_path / "p.json"

@@ -117,12 +117,22 @@ def test_a_library_deadline_bounds_the_whole_call(manifest: Manifest, monkeypatc
     asyncio.run(body())
 
 
-def test_timeout_help_says_it_bounds_the_whole_command(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command, bounds", [
+    ("call", "connecting, trying other nodes, retries and waiting for a final result; when it runs out the "
+             "command exits 2 with error Timeout"),
+    ("status", "connecting to every node and its answer; when it runs out the command exits 2 with error Timeout"),
+    ("evidence", "connecting, trying other nodes and retries; when it runs out the command exits 2"),
+    ("health", "connecting, trying other nodes and retries; when it runs out the node counts as unhealthy: exit 1"),
+])
+def test_timeout_help_says_it_bounds_the_whole_command(
+        command: str, bounds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each command's own words: only call waits for a final result (the shared text said
+    "(call) waiting for a final result" on status, health and evidence too)."""
     with pytest.raises(SystemExit):
-        main(["call", "--help"])
+        main([command, "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "bound on the whole command: connecting, trying other nodes, retries and (call) waiting for a " \
-           "final result" in out
+    assert f"bound on the whole command: {bounds}" in out
+    assert ("final result" in out) == (command == "call")
 
 
 # -- 2. the examples of proofs make --help ---------------------------------------------
