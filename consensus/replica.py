@@ -21,7 +21,7 @@ signed or sent is ordered by seq or by key-ring order.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from consensus import merkle
@@ -64,6 +64,11 @@ MAX_BODIES_PER_SLOT = 4  # endorsed batches a slot keeps for re-proposals by dig
 # and an oversized reply is never sent, so the asker would ask again forever.
 MAX_REPLY_BYTES = MAX_MESSAGE_BYTES // 2
 PROBE_INTERVAL_FACTOR = 10  # idle replicas ask a peer for news every 10 x request_timeout_ms
+# A follower asks for a view change on a request timeout only if f other validators
+# sent it something within the last 1.5 request timeouts (see _check_request_timers).
+# Longer than one timeout: the re-sent request that tells a peer about a stalled request
+# comes one timeout before that peer's own timer runs out, and it must count.
+HEARD_WINDOW_NUM, HEARD_WINDOW_DEN = 3, 2
 BEHIND_CLAIM_TTL_FACTOR = 20  # fetching while "behind" gives up after 20 fetch intervals without progress
 # Signed wires that passed verification lately (at most this many, each at most this
 # long): a peer re-sending or replaying the same bytes costs a look-up, not a signature
@@ -131,6 +136,8 @@ class _Pending:
     local: bool  # submitted to this node (persisted until executed)
     extensions: int = 0  # timer restarts granted because the leader kept making progress
     origin: str = ""  # the peer that relayed it to us ("" when a client submitted it here)
+    sent_cut_off: bool = False  # last told everybody while we heard from fewer than f others
+    told_by: set[str] = field(default_factory=set)  # followers that told everybody about it
 
 
 @dataclass(slots=True)
@@ -213,6 +220,7 @@ class Replica:
         self._verified: dict[bytes, None] = {}  # recently verified signed wires, oldest first
         self._wall_offset_ms = 0  # wall clock minus now_ms (see set_wall_offset)
         self._vc_answered: dict[str, int] = {}  # peer -> when we last answered its view-change
+        self._heard: dict[str, int] = {}  # peer -> when a message from it last passed our checks
         self._signed_view = 0  # highest view of any order vote, view-change or new-view we signed
         self._signed_seq = 0  # highest seq of any order vote we signed (at least the stable checkpoint)
         self._vote_floor: tuple[int, int] | None = None  # see vote_floor
@@ -252,6 +260,8 @@ class Replica:
         self._last_probe_ms = now_ms
         self._retained: dict[int, CommittedBatch] = {}  # truncated but still served to laggards
         self._ahead_seq = 0
+        self._behind_since_ms = now_ms  # when f+1 validators last claimed that we are behind
+        self._claimants: set[str] = set()  # validators that claimed it since
         self._last_progress_ms = now_ms
         self._next_fetch_ms = 0
         self._peer_cursor = 0
@@ -421,6 +431,7 @@ class Replica:
             self._count("bad_signature")
             self._count(f"bad_signature_from/{sender}")
             return self._flush()
+        self._heard[sender] = now_ms
         handler = self._handlers().get(msg.kind)
         if handler is not None:
             handler(msg, sender)
@@ -569,9 +580,20 @@ class Replica:
     def _in_window(self, seq: int) -> bool:
         return self._stable.seq < seq <= self._stable.seq + self.config.log_size
 
-    def _note_ahead(self, seq: int) -> None:
+    def _note_ahead(self, seq: int, sender: str | None = None) -> None:
+        """A message for ``seq`` says we may be behind. ``sender`` None: a quorum proof
+        says so. The claim's lifetime (see _maybe_fetch) starts afresh only once f+1
+        validators claimed (so at least one honest one): one Byzantine peer repeating
+        made-up seqs cannot keep us fetching."""
         if seq > self._ahead_seq:
             self._ahead_seq = seq
+        if seq <= self._last_executed:
+            return
+        if sender is not None:
+            self._claimants.add(sender)
+        if sender is None or len(self._claimants) > self.keyring.f:
+            self._behind_since_ms = self._now
+            self._claimants.clear()
 
     # ------------------------------------------------------------------ requests
 
@@ -600,6 +622,9 @@ class Replica:
             self._enqueue(p.request_id)
             if not self._in_view_change and not self.is_leader and sender != self.leader:
                 self._send(RequestMsg(p.request_id, p.request), self.leader)
+            pending = self._pending[p.request_id]
+        if sender != self.leader:
+            pending.told_by.add(sender)  # it times the leader on this request too
         if self.is_leader:
             self._propose(self._now, partial=False)
 
@@ -616,9 +641,10 @@ class Replica:
     def _check_request_timers(self, now: int) -> None:
         if self.is_leader:
             return
-        expired_stage1 = False
+        suspect = deferred = False
         timeout = self.config.request_timeout_ms
         leader_progressing = now - self._last_progress_ms < timeout and not self._in_view_change
+        connected: bool | None = None  # _heard_from_enough(now), worked out once if needed
         for rid, p in self._pending.items():
             if rid in self._executed or now < p.deadline_ms:
                 continue
@@ -629,15 +655,43 @@ class Replica:
                 p.extensions += 1
                 p.deadline_ms = now + timeout
                 continue
-            if p.stage == 0 or self._in_view_change:
-                p.stage = 1
-                p.deadline_ms = now + self.config.request_timeout_ms
-                self._send(RequestMsg(rid, p.request))  # to everybody
-            else:
-                expired_stage1 = True
-        if expired_stage1 and not self._in_view_change:
+            if connected is None:
+                connected = self._heard_from_enough(now)
+            if p.stage == 1 and not self._in_view_change:
+                if (connected and not p.sent_cut_off) or len(p.told_by) >= self.keyring.f:
+                    # Told everyone a timeout ago and they could hear us, or f others
+                    # told us of it: either way f+1 suspect the leader, enough to join.
+                    suspect = True
+                    continue
+                deferred = True
+            # Tell everybody and wait another timeout: the first time, so the others
+            # time the leader too; again while we are in a view change, or when we were
+            # cut off at the last telling (see below). Hearing no one may also mean an
+            # idle cluster: then the others' tellings reach us meanwhile, and the view
+            # change comes one timeout later than it would have.
+            p.stage = 1
+            p.deadline_ms = now + timeout
+            p.sent_cut_off = not connected
+            self._send(RequestMsg(rid, p.request))
+        if suspect:
             self._count("request_timeouts")
             self._start_view_change(self._view + 1)
+        elif deferred:
+            # Cut off (we hear from fewer than f others), now or when we last told the
+            # others: at most f validators could ask with us, too few for the join rule
+            # to pull the rest along. After the links come back we would sit in a view
+            # change alone, voting in no view, until the others changed view for a reason
+            # of their own (Raft's pre-vote reasoning). Stay in the view and keep telling
+            # everyone: once the links are back the leader orders the requests.
+            self._count("view_changes_deferred")
+
+    def _heard_from_enough(self, now: int) -> bool:
+        """Whether f other followers sent us a message that passed our checks lately:
+        with us, f+1 could then ask for the view, enough for the join rule. The leader
+        does not count: it never asks to replace itself."""
+        since = now - self.config.request_timeout_ms * HEARD_WINDOW_NUM // HEARD_WINDOW_DEN
+        leader = self.leader
+        return sum(1 for peer, at in self._heard.items() if at >= since and peer != leader) >= self.keyring.f
 
     # ------------------------------------------------------------------ ordering: leader
 
@@ -920,7 +974,7 @@ class Replica:
             return
         if not self._in_window(pp.seq):
             if pp.seq > self._stable.seq:
-                self._note_ahead(pp.seq)
+                self._note_ahead(pp.seq, sender)
             self._count("out_of_window")
             return
         if batch_digest(pp.agreed_time_ms, pp.requests) != pp.digest:
@@ -959,7 +1013,7 @@ class Replica:
         if p.seq <= self._stable.seq:  # type: ignore[union-attr]
             return
         if not self._in_window(p.seq):  # type: ignore[union-attr]
-            self._note_ahead(p.seq)  # type: ignore[union-attr]
+            self._note_ahead(p.seq, sender)  # type: ignore[union-attr]
             self._count("out_of_window")
             return
         if p.view > self._view:  # type: ignore[union-attr]
@@ -984,7 +1038,7 @@ class Replica:
             return
         if kind == PREPARE and first_from_sender:
             self._check_leader_header(slot, p)  # type: ignore[arg-type]
-        self._note_ahead(p.seq)  # type: ignore[union-attr]
+        self._note_ahead(p.seq, sender)  # type: ignore[union-attr]
         if kind == PREPARE:
             self._check_prepared(slot)
         else:
@@ -1425,7 +1479,7 @@ class Replica:
         if earlier is not None:
             self._evidence(sender, EQUIVOCATION, p.seq, 0, (earlier, msg.raw), "two checkpoint digests for one seq")
             return
-        self._note_ahead(p.seq)
+        self._note_ahead(p.seq, sender)
         self._check_stable(p.seq)
 
     def _check_stable(self, seq: int) -> None:
@@ -1446,7 +1500,7 @@ class Replica:
             # Just behind: _maybe_fetch asks peers for the committed batches (peers keep
             # them for a while after truncation), so we re-execute and can vote on the
             # results; peers answer with a snapshot only when they no longer have them.
-            self._note_ahead(seq)
+            self._note_ahead(seq)  # a stable checkpoint: 2f+1 said so
 
     def _stabilize(self, seq: int, digest: bytes, proof: tuple[bytes, ...], blob: bytes) -> None:
         if seq <= self._stable.seq:
@@ -1753,11 +1807,14 @@ class Replica:
             return
         if now - self._last_progress_ms < delay or now < self._next_fetch_ms:
             return
-        if now - self._last_progress_ms > BEHIND_CLAIM_TTL_FACTOR * delay:
+        if now - max(self._last_progress_ms, self._behind_since_ms) > BEHIND_CLAIM_TTL_FACTOR * delay:
             # A peer said we are behind (a seq past our log), yet fetching has brought
             # nothing for a long while: a claim no one backs up. Back to the idle probe,
-            # which finds out again if we really are behind.
+            # which finds out again if we really are behind. Timed from the claim, not
+            # from our last progress: back from a long partition, the first claims must
+            # be fetched, not expired at once.
             self._ahead_seq = self._last_executed
+            self._claimants.clear()
             self._count("behind_claim_expired")
             return
         self._next_fetch_ms = now + delay
@@ -1993,6 +2050,7 @@ class Replica:
         for rid, p in self._pending.items():
             p.stage = 1
             p.deadline_ms = self._now + self.config.request_timeout_ms
+            p.sent_cut_off = False  # a new view: told afresh, to a leader we just heard from
             if not self.is_leader and rid not in self._in_flight:
                 self._send(RequestMsg(rid, p.request), self.leader)
         if self.is_leader:

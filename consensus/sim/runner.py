@@ -331,7 +331,7 @@ class Simulation:
                 self.history.executions[name].extend(log)
         for inst in self.instances.values():  # bounded de-dup at work (summed over live incarnations)
             counters = getattr(inst.replica, "counters", None) or {}
-            for name in ("expired", "forgotten_request_ids"):
+            for name in ("expired", "forgotten_request_ids", "view_changes_deferred"):
                 self.stats[name] = self.stats.get(name, 0) + counters.get(name, 0)
 
     # ------------------------------------------------------------------ events

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from consensus.messages import decode
-from consensus.replica import MAX_TIMER_EXTENSIONS, ReplicaConfig
+import pytest
+
+from consensus.messages import CheckpointVote, decode, encode
+from consensus.replica import BEHIND_CLAIM_TTL_FACTOR, MAX_TIMER_EXTENSIONS, ReplicaConfig
 
 from .harness import Cluster
 
@@ -52,3 +54,108 @@ def test_a_leader_that_censors_one_request_is_replaced_eventually() -> None:
     # and the censored request was finally ordered by the new leader.
     assert c.nodes["node-2"].replica.view >= 1
     assert "censored" in c.committed_ids("node-2")
+
+
+def _cut_off(c: Cluster, node: str) -> None:
+    c.drop = lambda src, dst, data: node in (src, dst)
+
+
+def test_a_cut_off_follower_does_not_leave_the_view_alone_and_votes_again_after_the_heal() -> None:
+    c = Cluster(config=ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4,
+                                     request_timeout_ms=TIMEOUT, view_change_timeout_ms=10 * TIMEOUT))
+    c.submit("node-0", "before", b"x")
+    c.run(5 * TIMEOUT)
+    _cut_off(c, "node-3")
+    c.submit("node-3", "stranded", b"payload")  # its client keeps talking to it
+    c.run(10 * TIMEOUT)
+    cut = c.nodes["node-3"].replica
+    assert cut.counters.get("view_changes_deferred", 0) >= 1
+    assert cut.counters.get("view_changes_started", 0) == 0
+    assert cut.status()["in_view_change"] is False and cut.view == 0
+    c.drop = lambda src, dst, data: False  # heal
+    c.run(5 * TIMEOUT)
+    assert "stranded" in c.committed_ids("node-3"), "re-sent after the heal, the leader orders it"
+    assert all(n.replica.view == 0 for n in c.nodes.values()), "no view change: the leader was fine"
+    # node-3 takes part again: the next batch is final with all four votes.
+    c.submit("node-1", "after", b"y")
+    c.run(5 * TIMEOUT)
+    assert c.finals("node-1")["after"].agreeing == 4
+
+
+@pytest.mark.parametrize(("n", "submitters", "within"), [
+    (4, ("node-3",), 2), (4, ("node-1", "node-2", "node-3"), 2),
+    (7, ("node-6",), 3), (7, ("node-1", "node-2", "node-3", "node-4", "node-5", "node-6"), 2),
+])
+def test_followers_that_hear_each_other_still_replace_a_dead_leader_in_an_idle_cluster(
+        n: int, submitters: tuple[str, ...], within: int) -> None:
+    # Nothing else happens in the cluster, so at first nobody has heard from anybody.
+    # Without the cut-off guard it takes 2 T; with it at most one timeout more: at f = 2
+    # one relayer is not enough to hear from, the others' own tellings are (3 T).
+    c = Cluster(n=n, config=ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4,
+                                          request_timeout_ms=TIMEOUT, view_change_timeout_ms=10 * TIMEOUT))
+    c.crash("node-0")
+    for node in submitters:
+        c.submit(node, "orphan", b"payload")
+    c.run(within * TIMEOUT + TIMEOUT // 2)
+    assert all(c.nodes[i].replica.view == 1 for i in c.ids[1:])
+    assert "orphan" in c.committed_ids(submitters[0])
+
+
+def test_a_follower_that_hears_only_the_leader_does_not_ask_to_replace_it() -> None:
+    # Partition {leader, node-3} | {node-1, node-2}: the leader never asks to replace
+    # itself, so hearing it does not make node-3's view-change one the others would join.
+    c = Cluster(config=ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4,
+                                     request_timeout_ms=TIMEOUT, view_change_timeout_ms=10 * TIMEOUT))
+    c.submit("node-0", "before", b"x")
+    c.run(5 * TIMEOUT)
+    side = {"node-0", "node-3"}
+    c.drop = lambda src, dst, data: (src in side) != (dst in side)
+    c.submit("node-3", "stranded", b"p")
+    c.run(10 * TIMEOUT)
+    r3 = c.nodes["node-3"].replica
+    assert r3.counters.get("view_changes_started", 0) == 0 and r3.counters.get("view_changes_deferred", 0) >= 1
+
+
+def test_one_peer_repeating_made_up_seqs_cannot_keep_a_replica_fetching() -> None:
+    """A claim that we are behind is fetched for a bounded time; only f+1 claimants
+    start that time afresh, so one Byzantine peer gets nothing past the first expiry."""
+    c = Cluster(config=ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4,
+                                     request_timeout_ms=TIMEOUT, view_change_timeout_ms=10 * TIMEOUT))
+    c.submit("node-0", "a", b"x")
+    c.run(60 * TIMEOUT)  # then idle: the last progress is long past
+    liar, r1 = c.keys[3], c.nodes["node-1"].replica
+    before = r1.counters.get("fetch_batches", 0)
+    seq = 1000
+    for _ in range(200):
+        if r1._ahead_seq <= r1.last_executed_seq:  # expired: claim again
+            seq += 1
+            wire = encode("test-cluster", "node-3", CheckpointVote(seq, b"\x11" * 32), liar.sign)
+            c.handle("node-1", r1.receive("node-3", wire, c.now))
+        c.run(TIMEOUT)
+    assert r1.counters.get("fetch_batches", 0) - before <= 2 * BEHIND_CLAIM_TTL_FACTOR
+    assert r1.counters.get("behind_claim_expired", 0) >= 10
+
+
+def test_back_from_a_long_partition_a_follower_fetches_what_it_missed_at_once() -> None:
+    # Longer than the behind-claim lifetime (20 fetch intervals of T/2): the claims that
+    # come after the heal used to expire at once, as if timed from the last progress,
+    # and it caught up only through the idle probe (every 10 T).
+    c = Cluster(config=ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4,
+                                     request_timeout_ms=TIMEOUT, view_change_timeout_ms=10 * TIMEOUT))
+    cut = "node-3"
+    _cut_off(c, cut)
+    for i in range(60):
+        c.submit("node-0", f"during-{i}", b"x")
+        c.run(TIMEOUT // 2)
+    c.drop = lambda src, dst, data: False
+    c.run(3 * TIMEOUT)  # the idle probe is timed from the start: it is far off now
+    target = c.nodes["node-0"].replica.last_executed_seq
+    healed_at = c.now
+    i = 0
+    while c.nodes[cut].replica.last_executed_seq < target and c.now < healed_at + 40 * TIMEOUT:
+        c.submit("node-0", f"after-{i}", b"y")
+        i += 1
+        c.run(TIMEOUT // 4)
+    assert c.nodes[cut].replica.last_executed_seq >= target
+    assert c.now - healed_at <= 3 * TIMEOUT, f"caught up {c.now - healed_at} ms after the heal"
+    assert c.nodes[cut].replica.view == 0 and not c.nodes[cut].replica.in_view_change
