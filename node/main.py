@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from consensus.byzantine import BYZANTINE_MODES
 
@@ -21,6 +22,34 @@ LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.IN
               "warning": logging.WARNING, "error": logging.ERROR}
 
 log = logging.getLogger("hypermesh")
+
+EXIT_STORE_FAILED = 1  # stopped after a failed store write (fail-stop); Python also exits 1 on a crash
+EXIT_REFUSED = 2  # refused to start: bad flags (argparse's own status), keys, data dir, trace file, ports
+MAX_UDP_PAYLOAD = 65527  # 65535 minus the UDP header; aioquic refuses less than 1200
+SAME_ON_EVERY_NODE = "must be the same on every node of the cluster"
+
+
+class StartupError(Exception):
+    """A reason not to start, for which no more specific error exists (exit status 2)."""
+
+
+def bounded(kind: type[int] | type[float], lo: float, hi: float | None = None, *,
+            above: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: a ``kind`` in lo..hi (``above``: greater than lo). argparse
+    reports a refused value as "argument --flag: must be ..." and exits 2."""
+    noun = "an integer" if kind is int else "a number"
+    allowed = f"{noun} {lo}..{hi}" if hi is not None else f"{noun} {'>' if above else '>='} {lo}"
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < lo or (above and value == lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, not {text!r}")
+        return value
+
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,43 +67,59 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-b", "--bind", default="::", metavar="ADDRESS", help="IPv6 bind address (default ::)")
-    parser.add_argument("-p", "--port", type=int, default=None,
+    parser.add_argument("-p", "--port", type=bounded(int, 0, 65535), default=None,
                         help="STOQ listen port, UDP (default 9292; with --cluster, this node's port in the manifest)")
     parser.add_argument("-n", "--node-id", default=None, metavar="ID",
                         help=f"node identifier; must be in the manifest with --cluster (default {DEFAULT_NODE_ID})")
     parser.add_argument("-l", "--log-level", default="info", choices=("trace", "debug", "info", "warn", "error"),
                         help="log level (default info)")
-    parser.add_argument("--max-validations", type=int, default=100, metavar="NUM",
+    parser.add_argument("--max-validations", type=bounded(int, 1), default=100, metavar="NUM",
                         help="maximum concurrent validations; more are refused with Overloaded (default 100)")
     parser.add_argument("--cache", action="store_true", help="enable validation result caching")
-    parser.add_argument("--cache-ttl", type=float, default=600.0, metavar="SECONDS", help="result cache TTL (default 600)")
-    parser.add_argument("--cache-size", type=int, default=100_000, metavar="ENTRIES", help="result cache size (default 100000)")
+    parser.add_argument("--cache-ttl", type=bounded(float, 0, above=True), default=600.0, metavar="SECONDS",
+                        help="result cache TTL (default 600)")
+    parser.add_argument("--cache-size", type=bounded(int, 1), default=100_000, metavar="ENTRIES",
+                        help="result cache size (default 100000)")
     parser.add_argument("--cluster", metavar="DIR", help="cluster directory from 'hypermesh cluster init'")
     parser.add_argument("--data-dir", metavar="DIR", help="where the node keeps its database (default ./data/<node-id>)")
     parser.add_argument("--metrics-bind", default=None, metavar="ADDRESS", help="Prometheus bind address (default: --bind)")
-    parser.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port, TCP; 0 disables (default 9464)")
+    parser.add_argument("--metrics-port", type=bounded(int, 0, 65535), default=9464,
+                        help="Prometheus /metrics port, TCP; 0 disables (default 9464)")
     parser.add_argument("--client-auth", default="none", choices=("none", "optional", "required"),
                         help="mutual TLS for clients: require a certificate from the cluster CA (default none)")
-    parser.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--request-timeout", type=bounded(float, 0, above=True), default=30.0,
+                        metavar="SECONDS",
                         help="answer Pending after this long; the client polls validation_status (default 30)")
-    parser.add_argument("--vote-grace-ms", type=float, default=50.0, metavar="MS",
+    parser.add_argument("--vote-grace-ms", type=bounded(float, 0), default=50.0, metavar="MS",
                         help="after 2f+1 votes, wait up to this long for the other validators' votes so "
                         "confidence_level counts them; skipped while a validator keeps missing it (default 50)")
-    parser.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--shutdown-grace", type=bounded(float, 0, 3600), default=5.0, metavar="SECONDS",
                         help="on SIGINT/SIGTERM, let in-flight validations finish this long; those still "
                         "waiting are then answered Pending (they are durable; poll validation_status) (default 5)")
     parser.add_argument("--sync-commits", action="store_true",
                         help="fsync every database commit and the vote guard (survives power loss, ~0.3 ms per batch); "
                         "without it a power cut can make a validator forget votes it sent (docs/OPERATIONS.md, Backups)")
-    parser.add_argument("--batch-size", type=int, default=64, help="maximum requests per consensus batch (default 64)")
-    parser.add_argument("--batch-delay-ms", type=int, default=5, help="close a partial batch after this long (default 5)")
-    parser.add_argument("--checkpoint-interval", type=int, default=16, help="batches between checkpoints (default 16)")
-    parser.add_argument("--view-change-timeout-ms", type=int, default=2000, help="first view-change timeout (default 2000)")
-    parser.add_argument("--max-datagram-size", type=int, default=1200, metavar="BYTES",
-                        help="largest QUIC datagram sent; 1200 is safe anywhere, 9000 is much faster on loopback (default 1200)")
+    # ReplicaConfig is cluster-wide: these three must not differ between nodes (OPERATIONS.md §10).
+    parser.add_argument("--batch-size", type=bounded(int, 1), default=64,
+                        help=f"maximum requests per consensus batch; {SAME_ON_EVERY_NODE}: followers drop "
+                        "a leader's batch larger than their own limit (default 64)")
+    parser.add_argument("--batch-delay-ms", type=bounded(int, 0), default=5,
+                        help="close a partial batch after this long; only the leader uses it, so nodes may "
+                        "differ (default 5)")
+    parser.add_argument("--checkpoint-interval", type=bounded(int, 1), default=16,
+                        help=f"batches between checkpoints; {SAME_ON_EVERY_NODE}: a checkpoint is stable only "
+                        "when 2f+1 nodes take it at the same sequence number (default 16)")
+    parser.add_argument("--view-change-timeout-ms", type=bounded(int, 1), default=2000,
+                        help=f"first view-change timeout; {SAME_ON_EVERY_NODE}: nodes that differ give up "
+                        "on a leader at different times (default 2000)")
+    parser.add_argument("--max-datagram-size", type=bounded(int, 1200, MAX_UDP_PAYLOAD), default=1200,
+                        metavar="BYTES",
+                        help="largest QUIC datagram sent, 1200..65527; 1200 is safe anywhere, 9000 is much faster "
+                        "on loopback; nodes may differ (default 1200)")
     parser.add_argument("--trace", default="off", metavar="off|stderr|FILE",
                         help="OpenTelemetry spans of every validation: off, stderr, or a file of JSON lines (default off)")
-    parser.add_argument("--peer-delay-ms", type=float, default=0.0, help="chaos testing: delay every outgoing peer frame")
+    parser.add_argument("--peer-delay-ms", type=bounded(float, 0), default=0.0,
+                        help="chaos testing: delay every outgoing peer frame")
     parser.add_argument("--byzantine", default=None, metavar="MODE", choices=BYZANTINE_MODES,
                         help=f"TEST ONLY: make this node misbehave on purpose ({', '.join(BYZANTINE_MODES)})")
     parser.add_argument("-V", "--version", action="version", version=f"consensus-server {VERSION}")
@@ -118,9 +163,7 @@ async def serve(args: argparse.Namespace) -> int:
     from .vote_guard import GUARD_FILE, VoteGuard
     from .tracing import make_tracer
 
-    node_id = args.node_id or (DEFAULT_NODE_ID if not args.cluster else None)
-    if node_id is None:
-        raise SystemExit("consensus-server: --node-id is required with --cluster (one of the manifest's node ids)")
+    node_id = args.node_id or DEFAULT_NODE_ID  # main() insists on --node-id with --cluster
     data_dir = Path(args.data_dir or Path("data") / node_id)
     cluster_dir = Path(args.cluster) if args.cluster else _single_node_cluster(data_dir, node_id, args.port or DEFAULT_PORT)
     manifest = load_manifest(cluster_dir)
@@ -186,7 +229,10 @@ async def serve(args: argparse.Namespace) -> int:
     )
 
     log.info("Creating validation service...")
-    tracer, tracer_provider = make_tracer(node_id, manifest.cluster_id, args.trace, VERSION)
+    try:
+        tracer, tracer_provider = make_tracer(node_id, manifest.cluster_id, args.trace, VERSION)
+    except OSError as exc:
+        raise StartupError(f"--trace {args.trace}: {exc.strerror or exc}") from None
     cache = ResultCache(args.cache_ttl, args.cache_size, time.monotonic) if args.cache else None
     mesh = PeerMesh(
         node_id, peers, tls, driver.on_peer_message, delay_ms=args.peer_delay_ms, max_datagram_size=args.max_datagram_size
@@ -202,6 +248,10 @@ async def serve(args: argparse.Namespace) -> int:
     for path, handler in service.handlers().items():
         registry.register(path, wrap_handler(service, path, handler))
 
+    try:
+        tls.load()  # here, so a missing or damaged file is named as such, not as a port error
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"the TLS certificate and key of {node_id} in {node_dir} cannot be used: {exc}") from None
     log.info("Starting STOQ API server...")
     server = StoqServer(
         args.bind, port, registry, tls,
@@ -239,6 +289,7 @@ async def serve(args: argparse.Namespace) -> int:
     # (measured at 350 requests/s: 4 such pauses per 1,500 requests, the whole p99).
     gc.collect()
     gc.freeze()
+    args.serving = True  # from here on an OSError is a crash (exit 1, restarted), not a refusal to start
     log.info("HyperMesh Consensus Server is ready")
     log.info("Accepting validation requests on port %d", server.port)
     log.info("Press Ctrl-C to stop")
@@ -261,19 +312,16 @@ async def serve(args: argparse.Namespace) -> int:
         tracer_provider.shutdown()
     if driver.failed is not None:
         log.error("stopped after a failed write to the store: %s", driver.failed)
-        return 1
+        return EXIT_STORE_FAILED
     log.info("Stopped cleanly")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_validations < 1:
-        raise SystemExit("consensus-server: --max-validations must be at least 1")
-    if not 0 <= args.shutdown_grace <= 3600:
-        raise SystemExit("consensus-server: --shutdown-grace must be 0..3600 seconds")
-    if args.port is not None and not 0 <= args.port < 65536:
-        raise SystemExit("consensus-server: --port must be 0..65535")
+    parser = build_parser()
+    args = parser.parse_args(argv)  # out-of-range values: an error naming the flag, exit 2
+    if args.cluster and not args.node_id:
+        parser.error("--node-id is required with --cluster (one of the manifest's node ids)")
     configure_logging(args.log_level)
     from cluster.manifest import ManifestError
     from node.store import StoreError
@@ -281,12 +329,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(serve(args))
-    except (ManifestError, StoreError, VoteGuardError) as exc:
+    except (ManifestError, StoreError, VoteGuardError, StartupError) as exc:
         log.error("%s", exc)
-        return 2
-    except OSError as exc:
+        return EXIT_REFUSED
+    except OSError as exc:  # data directory unusable or in use, a port taken or not ours to bind
+        if getattr(args, "serving", False):
+            log.exception("stopped by an unexpected error: %s", exc)
+            return EXIT_STORE_FAILED
         log.error("cannot start: %s", exc)
-        return 1
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from opentelemetry import trace
 
 from consensus.codec import DecodeError
 from consensus.crypto import backend
+from consensus.requests import REQUEST_ID_RE
 from consensus.validation import decode_outcome, parse_request
 from transport.envelope import DEFAULT_MAX_ENVELOPE_BYTES, ApiError, ErrorCode
 
@@ -220,8 +221,9 @@ class ValidationService:
         if not isinstance(payload, dict) or not isinstance(payload.get("request_id"), str):
             raise ApiError(ErrorCode.InvalidRequest, "request_id: required, a string")
         request_id = payload["request_id"]
-        if not 0 < len(request_id) <= 128:
-            raise ApiError(ErrorCode.InvalidRequest, "request_id: must be 1..128 characters")
+        # The syntax validate_* accepts: an id outside it was never accepted anywhere.
+        if not REQUEST_ID_RE.fullmatch(request_id):
+            raise ApiError(ErrorCode.InvalidRequest, "request_id: must be 1..128 characters of [A-Za-z0-9._:-]")
         stored = self.driver.store.get_result(request_id)
         if stored is not None:
             return result_payload(stored)

@@ -317,5 +317,5 @@ def test_a_busy_port_is_named_in_the_start_up_error(tmp_path: Path) -> None:
             [sys.executable, "-m", "node.main", "--data-dir", str(tmp_path / "n"), "--bind", "::1", "--port", str(port)],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert f"cannot start: [Errno 98] STOQ port (UDP) [::1]:{port}: Address already in use" in out.stderr, out.stderr

@@ -263,6 +263,17 @@ def test_status_of_a_request_executed_through_a_snapshot_is_pending_not_unknown(
         asyncio.run(service.validation_status({"request_id": "never"}, _Ctx()))
 
 
+@pytest.mark.parametrize("request_id", ["bad id!", "", "x" * 129, "caf\u00e9", "a\nb"])
+def test_status_of_a_malformed_request_id_is_invalid_request_not_not_found(
+        service: ValidationService, request_id: str) -> None:
+    """An id validate_* would refuse was never accepted by any node: say what is wrong
+    with it (the field and the rule) instead of "not known to node-1"."""
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(service.validation_status({"request_id": request_id}, _Ctx()))
+    assert refused.value.code == ErrorCode.InvalidRequest
+    assert refused.value.message == "request_id: must be 1..128 characters of [A-Za-z0-9._:-]"
+
+
 def test_retries_answered_from_the_store_count_as_answered_validations(service: ValidationService) -> None:
     async def run() -> None:
         task = asyncio.create_task(service._validate_traced("proofs", {"request_id": "r"}, _Span()))
