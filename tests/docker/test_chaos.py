@@ -9,6 +9,7 @@ one final result, on every node, with a certificate that verifies.
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 
 import pytest
@@ -88,6 +89,50 @@ def test_partition_leader_then_heal(make_cluster, log_dir):
     majority = [s for s in ctx["status_after"] if s.get("reachable") and s["node_id"] != ctx["leader"]]
     assert all(s.get("view", 0) != 0 for s in majority) and all(s.get("leader") != ctx["leader"] for s in majority), (
         f"the isolated leader {ctx['leader']} was never replaced: {ctx['status_after']}")
+
+
+def test_partition_follower_with_a_client_then_heal_it_stays_in_the_view(make_cluster, log_dir):
+    """A client's request waits on a follower cut off from every peer. The follower does
+    not ask alone for a new view (nobody would join it); after the heal its request is
+    ordered in the same view and it votes again."""
+    cluster = make_cluster()
+
+    def isolate_follower_with_a_request(ctx):
+        cut = ctx["cut"] = next(n for n in cluster.node_ids if n != ctx["leader"])
+        cluster.partition(cut)
+        ctx["rules"] = cluster.chaos_rules(cut)
+        waiting = ctx["through_cut"] = threading.Thread(
+            target=lambda: ctx.__setitem__("cut_ops", asyncio.run(load_through(cluster, [cut], total=1))))
+        waiting.start()
+        ctx["status_during"] = wait_until(
+            lambda: (s := asyncio.run(status_of(cluster, cut)))["replica"]["counters"].get("view_changes_deferred") and s,
+            60, f"{cut} holding back its view change while cut off")
+
+    def heal(ctx):
+        cluster.heal()
+        ctx["through_cut"].join(timeout=120)
+
+    ctx = run(scenario(cluster, log_dir, during=isolate_follower_with_a_request, after=heal, total=12))
+    assert "DROP" in ctx["rules"], f"the partition installed no rules:\n{ctx['rules']}"
+    during = ctx["status_during"]["replica"]
+    assert not during["in_view_change"] and not during["counters"].get("view_changes_started"), during
+    assert_history(ctx)
+    cut_ops = ctx.get("cut_ops") or []
+    assert cut_ops and all(op.status in ("Valid", "Invalid") and op.certificate_ok for op in cut_ops), (
+        "the request sent through the cut-off follower did not become final after the heal:\n"
+        + "\n".join(repr(op) for op in cut_ops))
+    rows = {s["node_id"]: s for s in ctx["status_after"] if s.get("reachable")}
+    assert not rows[ctx["cut"]]["replica"]["in_view_change"], rows[ctx["cut"]]
+    view = ctx["status_during"]["view"]
+    assert {s["view"] for s in rows.values()} == {view}, f"the cluster left view {view}: {ctx['status_after']}"
+
+
+async def status_of(cluster, node_id):
+    client = cluster.client(only=[node_id])
+    try:
+        return await client.call_node(node_id, "cluster/status")
+    finally:
+        await client.close()
 
 
 async def load_through(cluster, node_ids, total):
