@@ -212,7 +212,11 @@ def test_every_listed_broken_variant_gives_its_reason(
 
 
 def test_broken_without_a_manifest_warns_what_a_cluster_will_answer(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # No manifest anywhere: not in a .cluster of the working directory (after
+    # 'dev.py up' the checkout has one), nor in HYPERMESH_CLUSTER.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYPERMESH_CLUSTER", raising=False)
     out = tmp_path / "p.msgpack"
     assert main(["proofs", "make", "--scheme", "ML-DSA-44", "--broken", "space:path", "--out", str(out)]) == 0
     assert "space.aead_failed as well as, or instead of, space.bad_path" in capsys.readouterr().err

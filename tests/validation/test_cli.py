@@ -4,6 +4,7 @@ subprocess to show the module runs stand-alone)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,10 +86,13 @@ def test_request_id_defaults_to_a_fresh_one(manifest, tmp_path):
     assert len(ids) == 2 and all(i.startswith("req-") for i in ids)
 
 
-def test_subprocess_without_manifest_warns_and_prints_json():
+def test_subprocess_without_manifest_warns_and_prints_json(tmp_path):
+    # Run where no .cluster is (the checkout has one after 'dev.py up'), without HYPERMESH_CLUSTER.
     code = "import sys; from cluster.proofs_cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if k != "HYPERMESH_CLUSTER"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     proc = subprocess.run([sys.executable, "-c", code, "proofs", "make", "--request-id", "sub-1", "--scheme", "ML-DSA-44"],
-                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "fresh cluster KEM key" in proc.stderr
     assert json.loads(proc.stdout)["request_id"] == "sub-1"
