@@ -69,6 +69,7 @@ PROBE_INTERVAL_FACTOR = 10  # idle replicas ask a peer for news every 10 x reque
 # Longer than one timeout: the re-sent request that tells a peer about a stalled request
 # comes one timeout before that peer's own timer runs out, and it must count.
 HEARD_WINDOW_NUM, HEARD_WINDOW_DEN = 3, 2
+CUT_OFF_TELLINGS = 2  # see _Pending.tellings_owed
 BEHIND_CLAIM_TTL_FACTOR = 20  # fetching while "behind" gives up after 20 fetch intervals without progress
 # Signed wires that passed verification lately (at most this many, each at most this
 # long): a peer re-sending or replaying the same bytes costs a look-up, not a signature
@@ -136,7 +137,10 @@ class _Pending:
     local: bool  # submitted to this node (persisted until executed)
     extensions: int = 0  # timer restarts granted because the leader kept making progress
     origin: str = ""  # the peer that relayed it to us ("" when a client submitted it here)
-    sent_cut_off: bool = False  # last told everybody while we heard from fewer than f others
+    # Tellings to everybody still owed, while hearing from f others, before suspecting the
+    # leader: 2 after one made while cut off (the first after a heal can still be lost,
+    # e.g. on a link the peer is replacing), one less per telling made while connected.
+    tellings_owed: int = 0
     told_by: set[str] = field(default_factory=set)  # followers that told everybody about it
 
 
@@ -643,7 +647,10 @@ class Replica:
             return
         suspect = deferred = False
         timeout = self.config.request_timeout_ms
-        leader_progressing = now - self._last_progress_ms < timeout and not self._in_view_change
+        # Executing batches, or behind others that are (back from a partition, our
+        # requests may sit in the batches we still fetch): either way, not stalled.
+        behind = self._ahead_seq > self._last_executed or self._transfer is not None
+        leader_progressing = (now - self._last_progress_ms < timeout or behind) and not self._in_view_change
         connected: bool | None = None  # _heard_from_enough(now), worked out once if needed
         for rid, p in self._pending.items():
             if rid in self._executed or now < p.deadline_ms:
@@ -658,7 +665,7 @@ class Replica:
             if connected is None:
                 connected = self._heard_from_enough(now)
             if p.stage == 1 and not self._in_view_change:
-                if (connected and not p.sent_cut_off) or len(p.told_by) >= self.keyring.f:
+                if (connected and not p.tellings_owed) or len(p.told_by) >= self.keyring.f:
                     # Told everyone a timeout ago and they could hear us, or f others
                     # told us of it: either way f+1 suspect the leader, enough to join.
                     suspect = True
@@ -671,7 +678,7 @@ class Replica:
             # change comes one timeout later than it would have.
             p.stage = 1
             p.deadline_ms = now + timeout
-            p.sent_cut_off = not connected
+            p.tellings_owed = max(0, p.tellings_owed - 1) if connected else CUT_OFF_TELLINGS
             self._send(RequestMsg(rid, p.request))
         if suspect:
             self._count("request_timeouts")
@@ -2050,7 +2057,7 @@ class Replica:
         for rid, p in self._pending.items():
             p.stage = 1
             p.deadline_ms = self._now + self.config.request_timeout_ms
-            p.sent_cut_off = False  # a new view: told afresh, to a leader we just heard from
+            p.tellings_owed = 0  # a new view: told afresh, to a leader we just heard from
             if not self.is_leader and rid not in self._in_flight:
                 self._send(RequestMsg(rid, p.request), self.leader)
         if self.is_leader:

@@ -159,3 +159,59 @@ def test_back_from_a_long_partition_a_follower_fetches_what_it_missed_at_once() 
     assert c.nodes[cut].replica.last_executed_seq >= target
     assert c.now - healed_at <= 3 * TIMEOUT, f"caught up {c.now - healed_at} ms after the heal"
     assert c.nodes[cut].replica.view == 0 and not c.nodes[cut].replica.in_view_change
+
+
+def test_back_from_a_partition_a_follower_still_catching_up_does_not_suspect_the_leader() -> None:
+    # Seen with real containers: the heal reached the followers first, the cut-off one
+    # re-sent its request and heard them (so it was "connected"), but it had batches to
+    # fetch before it could execute its request, and asked alone for view 1. A follower
+    # that knows it is behind treats the leader as making progress (bounded extensions).
+    c = Cluster(config=ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4,
+                                     request_timeout_ms=TIMEOUT, view_change_timeout_ms=10 * TIMEOUT))
+    cut = "node-3"
+    _cut_off(c, cut)
+    c.submit(cut, "stranded", b"payload")
+    for i in range(20):
+        c.submit("node-0", f"during-{i}", b"x")
+        c.run(TIMEOUT // 2)
+    healed_at = c.now
+    # Healed, but catching up is slow: nothing it asks for comes back for 4 timeouts.
+    c.drop = lambda src, dst, data: dst == cut and c.now < healed_at + 4 * TIMEOUT and decode(data).kind in (
+        "batches", "state", "body", "results", "new-view")
+    for i in range(20):
+        c.submit("node-0", f"after-{i}", b"y")
+        c.run(TIMEOUT // 2)
+    r3 = c.nodes[cut].replica
+    assert r3.counters.get("view_changes_started", 0) == 0 and not r3.in_view_change
+    assert "stranded" in c.committed_ids(cut) and r3.view == 0
+
+
+def test_the_first_telling_after_a_heal_may_be_lost_without_a_lone_view_change() -> None:
+    # Seen with real containers: right after the heal the peers re-dialled, and the
+    # request sent on the link being replaced was lost, while the peers were already heard.
+    c = Cluster(config=ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4,
+                                     request_timeout_ms=TIMEOUT, view_change_timeout_ms=10 * TIMEOUT))
+    cut = "node-3"
+    c.submit("node-0", "before", b"x")
+    c.run(TIMEOUT)
+    _cut_off(c, cut)
+    c.submit(cut, "stranded", b"payload")
+    c.run(5 * TIMEOUT)
+    lost: list[str] = []
+
+    def first_telling_lost(src: str, dst: str, data: bytes) -> bool:
+        if src == cut and decode(data).kind == "request" and len(lost) < 3:  # one copy per peer
+            lost.append(dst)
+            return True
+        return False
+
+    c.drop = first_telling_lost
+    r3 = c.nodes[cut].replica
+    for _ in range(8):  # the idle followers are heard (a signed message each, as any traffic)
+        for key in c.keys[1:3]:
+            wire = encode("test-cluster", key.node_id, CheckpointVote(1, b"\x22" * 32), key.sign)
+            c.handle(cut, r3.receive(key.node_id, wire, c.now))
+        c.run(TIMEOUT // 2)
+    assert len(lost) == 3
+    assert r3.counters.get("view_changes_started", 0) == 0 and not r3.in_view_change
+    assert "stranded" in c.committed_ids(cut)
