@@ -54,9 +54,10 @@ things, not for a cluster. With a manifest, --scheme (or --key) must be one of i
 accepted stake schemes.
 
 --broken PROOF[:HOW] builds a proof whose only defect is the one named; validators of the
-cluster whose manifest is used must answer with the listed reason code. With no manifest
-the space proof is sealed to a key no cluster holds, and a cluster answers space.aead_failed
-as well, or instead:
+cluster whose manifest is used must answer with the listed reason code (time:future when
+sent within a minute, or within the cluster's max time offset if that is shorter). With no
+manifest the space proof is sealed to a key no cluster holds, and a cluster answers
+space.aead_failed as well, or instead:
 """ + "\n".join(f"  {p + ':' + h:<18} -> {code}" for p, hows in FAULTS.items() for h, code in hows.items())
 
 KEYGEN_EPILOG = """\

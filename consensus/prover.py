@@ -144,7 +144,10 @@ def _build_proofs(
     if fault == ("stake", "amount"):
         amount = params.min_stake - 1
     if fault == ("time", "future"):
-        timestamp_ms += params.max_time_offset_ms + 1000
+        # Still too far ahead when sent a while later (up to a minute, or the offset when
+        # smaller), yet within the half de-duplication window (>= 2 offsets), past which a
+        # request is refused as expired instead of answered Invalid.
+        timestamp_ms += params.max_time_offset_ms + max(1000, min(params.max_time_offset_ms, 60_000))
     elif fault == ("time", "past"):
         timestamp_ms = max(0, timestamp_ms - params.max_time_offset_ms - 1000)
     total_bytes = storage.total_bytes + (1 if fault == ("space", "commitment") else 0)

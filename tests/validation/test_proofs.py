@@ -148,3 +148,16 @@ def test_docs_list_every_reason_code():
     text = (Path(__file__).resolve().parents[2] / "docs" / "PROOFS.md").read_text()
     missing = [code for code in CODES if f"`{code}`" not in text]
     assert missing == []
+
+
+@pytest.mark.parametrize("offset_ms", [30_000, 3_600_000])
+def test_a_future_time_proof_stays_outside_the_offset_while_it_is_sent(cluster, mldsa, offset_ms):
+    # Made now and sent a moment later (the CLI writes a file, a person runs `call`):
+    # it used to be only 1 s past the offset and came back Valid after a slow second.
+    params = dataclasses.replace(cluster.params, max_time_offset_ms=offset_ms)
+    payload = make_proof_set("future-1", params, mldsa, NOW, storage=cluster.storage, fault=("time", "future"))
+    later = NOW + min(offset_ms, 60_000) - 1
+    out = run(cluster, payload, agreed=later, params=params)
+    assert [r.code for r in out.reasons] == ["time.outside_offset"]
+    # ...and never so far ahead that a validator refuses it as expired instead of answering.
+    assert payload["proofs"]["time"]["timestamp_ms"] - NOW <= 2 * offset_ms
