@@ -233,6 +233,8 @@ class Replica:
         self._stable = _Stable()
         self._checkpoint_votes: dict[int, VoteSet] = {}
         self._own_checkpoints: dict[int, tuple[bytes, bytes]] = {}  # seq -> (digest, blob)
+        # seq -> [our signed vote, next re-send (ms), re-sends so far], until that seq is stable
+        self._checkpoint_resends: dict[int, list[Any]] = {}
         self._last_executed = 0
         self._last_progress_ms = now_ms  # when this replica last executed a batch
         self._last_time_ms = 0
@@ -517,6 +519,7 @@ class Replica:
             self._fetch_missing_results(now_ms)
             self._fetch_missing_bodies(now_ms)
             self._retransmit_votes(now_ms)
+            self._resend_checkpoint_votes(now_ms)
         return self._flush()
 
     # ------------------------------------------------------------------ plumbing
@@ -627,8 +630,13 @@ class Replica:
             if not self._in_view_change and not self.is_leader and sender != self.leader:
                 self._send(RequestMsg(p.request_id, p.request), self.leader)
             pending = self._pending[p.request_id]
-        if sender != self.leader:
+        if sender != self.leader and sender not in pending.told_by:
             pending.told_by.add(sender)  # it times the leader on this request too
+            if (len(pending.told_by) == self.keyring.f and pending.stage == 1 and not self._in_view_change
+                    and pending.origin in ("", self.leader)):
+                # The evidence a request only we had told about waits for (see
+                # _check_request_timers): look again at the next tick, not a timeout later.
+                pending.deadline_ms = min(pending.deadline_ms, self._now)
         if self.is_leader:
             self._propose(self._now, partial=False)
 
@@ -665,9 +673,13 @@ class Replica:
             if connected is None:
                 connected = self._heard_from_enough(now)
             if p.stage == 1 and not self._in_view_change:
-                if (connected and not p.tellings_owed) or len(p.told_by) >= self.keyring.f:
-                    # Told everyone a timeout ago and they could hear us, or f others
-                    # told us of it: either way f+1 suspect the leader, enough to join.
+                # Suspect only with evidence that f others time the leader on this
+                # request too (f+1 askers: enough for the join rule). Either f followers
+                # told us of it, or one did (everybody got that telling) and we hear f
+                # others. A request that only we told about is never enough: on a
+                # one-way link we hear the others while our tellings never reach them.
+                told_us = p.origin not in ("", self.leader)
+                if (told_us and connected and not p.tellings_owed) or len(p.told_by) >= self.keyring.f:
                     suspect = True
                     continue
                 deferred = True
@@ -684,9 +696,10 @@ class Replica:
             self._count("request_timeouts")
             self._start_view_change(self._view + 1)
         elif deferred:
-            # Cut off (we hear from fewer than f others), now or when we last told the
-            # others: at most f validators could ask with us, too few for the join rule
-            # to pull the rest along. After the links come back we would sit in a view
+            # No sign that f others time the leader on it: we were cut off (hearing
+            # fewer than f others) now or at the last telling, or the others may never
+            # have got our tellings (a one-way link). At most f validators could ask
+            # with us, too few for the join rule to pull the rest along. After the links come back we would sit in a view
             # change alone, voting in no view, until the others changed view for a reason
             # of their own (Raft's pre-vote reasoning). Stay in the view and keep telling
             # everyone: once the links are back the leader orders the requests.
@@ -1368,6 +1381,21 @@ class Replica:
                 if own is not None and own[0] == self._view and own[2] is not None:
                     self._out.append(Send(own[2]))
 
+    def _resend_checkpoint_votes(self, now: int) -> None:
+        """A checkpoint vote is sent once. Were the votes for one seq lost (a link being
+        replaced), fewer than 2f+1 would ever meet, no later checkpoint could become
+        stable either, the window would fill, and no leader of this view or any later
+        one could propose again. So our own vote for every checkpoint not stable yet is
+        re-sent (the same signed bytes) with back-off; receivers ignore duplicates."""
+        for entry in self._checkpoint_resends.values():
+            wire, retry_at, resends = entry
+            if now < retry_at:
+                continue
+            entry[1] = now + self._retry_delay() * (2 ** min(resends + 2, 6))
+            entry[2] = resends + 1
+            self._count("checkpoint_votes_resent")
+            self._out.append(Send(wire))
+
     def _retry_delay(self) -> int:
         return max(self.config.request_timeout_ms // 4, 20)
 
@@ -1471,6 +1499,7 @@ class Replica:
         self._own_checkpoints[seq] = (digest, blob)
         wire = self._wire(CheckpointVote(seq, digest))
         self._out.append(Send(wire))
+        self._checkpoint_resends[seq] = [wire, self._now + 2 * self._retry_delay(), 0]
         self._checkpoint_votes.setdefault(seq, VoteSet()).add(self.node_id, digest, wire)
         self._check_stable(seq)
 
@@ -1556,6 +1585,8 @@ class Replica:
             del self._checkpoint_votes[s]
         for s in [s for s in self._own_checkpoints if s <= seq]:
             del self._own_checkpoints[s]
+        for s in [s for s in self._checkpoint_resends if s <= seq]:
+            del self._checkpoint_resends[s]
         for s in [s for s in self._results if s <= keep_results_from]:
             del self._results[s]
         for s in [s for s in self._foreign if s <= keep_results_from]:

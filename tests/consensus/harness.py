@@ -16,6 +16,7 @@ from consensus.actions import (
 )
 from consensus.codec import canonical_pack, unpack_bounded
 from consensus.keys import KeyRing, NodeKey, generate_node_key, keyring_of
+from consensus.messages import RequestMsg, encode
 from consensus.replica import Replica, ReplicaConfig
 
 
@@ -105,6 +106,12 @@ class Cluster:
             if self.tamper is not None:
                 data = self.tamper(src, dst, data)
             self.handle(dst, node.replica.receive(src, data, self.now))
+
+    def tell(self, src: str, dst: str, request_id: str, request: bytes) -> None:
+        """``src`` tells ``dst`` alone of a request (its tellings to the others lost)."""
+        key = next(k for k in self.keys if k.node_id == src)
+        wire = encode(self.config.cluster_id, src, RequestMsg(request_id, request), key.sign)
+        self.handle(dst, self.nodes[dst].replica.receive(src, wire, self.now))
 
     def run(self, ms: int, step: int = 10) -> None:
         end = self.now + ms

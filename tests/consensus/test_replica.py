@@ -418,13 +418,14 @@ def test_view_change_timeouts_back_off_once_a_quorum_asked_and_no_new_view_came(
 
 
 def test_a_replica_whose_messages_do_not_get_out_waits_at_the_next_view_and_rejoins_at_the_next_change() -> None:
-    # It hears the others (so it does not hold back its view-change as a cut-off replica
-    # would), but nothing it sends arrives: it asks for view 1 alone.
+    # It hears the others, but nothing it sends arrives, and a follower told it alone of a
+    # request the leader never got (that follower's other tellings were lost): f = 1 others
+    # time the leader on it, so it asks for view 1, alone.
     c = Cluster()
     _run_requests(c, 2)
     cut = "node-3"
     c.drop = lambda src, dst, data: src == cut
-    c.submit(cut, "lonely", b"never reaches the leader")
+    c.tell("node-2", cut, "lonely", b"never reaches the leader")
     for i in range(300):  # the others' traffic, which it hears
         if c.nodes[cut].replica.in_view_change:
             break
@@ -620,3 +621,20 @@ def test_agreed_times_follow_the_wall_clock_while_timers_run_on_now() -> None:
     assert wall <= r0._last_time_ms <= wall + c.now
     assert c.nodes["node-3"].replica.counters.get("bad_time", 0) >= 1
     assert c.nodes["node-1"].replica.counters.get("bad_time", 0) == 0
+
+
+def test_lost_checkpoint_votes_are_sent_again_so_the_window_does_not_stay_full() -> None:
+    # Every checkpoint vote for seq 4 and 8 is lost (links being replaced): no checkpoint
+    # became stable, the window (8 seqs) filled, and the cluster stalled for good, view
+    # change after view change, because checkpoint votes were sent only once.
+    c = Cluster()
+    timeout = c.config.request_timeout_ms
+    c.drop = lambda src, dst, data: decode(data).kind == "checkpoint" and c.now < 8 * timeout
+    for i in range(40):
+        c.submit("node-1", f"r{i}", b"x")
+        c.run(timeout // 2)
+    c.run(20 * timeout)
+    for node in c.nodes.values():
+        assert node.replica.executed_seq("r39") is not None
+        assert node.replica.stable_checkpoint_seq >= 8
+    assert sum(n.replica.counters.get("checkpoint_votes_resent", 0) for n in c.nodes.values()) >= 8

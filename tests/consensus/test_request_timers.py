@@ -48,10 +48,10 @@ def test_a_leader_that_censors_one_request_is_replaced_eventually() -> None:
     c = _censoring_cluster()
     c.submit("node-2", "censored", b"payload")
     _keep_leader_busy(c, (MAX_TIMER_EXTENSIONS + 4) * TIMEOUT)
-    assert c.nodes["node-2"].replica.counters.get("request_timeouts", 0) >= 1
     c.run(20 * TIMEOUT)
-    # The other followers joined (they also hold the broadcast request), so the view moved
-    # and the censored request was finally ordered by the new leader.
+    # node-2 told the others of it when its extensions ran out; they timed the leader
+    # too and asked for a new view, node-2 joined them, and the new leader ordered it.
+    assert all(c.nodes[i].replica.counters.get("request_timeouts", 0) >= 1 for i in ("node-1", "node-3"))
     assert c.nodes["node-2"].replica.view >= 1
     assert "censored" in c.committed_ids("node-2")
 
@@ -215,3 +215,56 @@ def test_the_first_telling_after_a_heal_may_be_lost_without_a_lone_view_change()
     assert len(lost) == 3
     assert r3.counters.get("view_changes_started", 0) == 0 and not r3.in_view_change
     assert "stranded" in c.committed_ids(cut)
+
+
+def test_a_follower_on_a_one_way_link_does_not_leave_the_view_alone() -> None:
+    # node-3 hears everybody, but nothing it sends arrives (a one-way link): it used to
+    # count as connected, asked alone for view 1 and sat in that view change after the heal.
+    c = Cluster(config=ReplicaConfig(cluster_id="test-cluster", checkpoint_interval=4, window=4,
+                                     request_timeout_ms=TIMEOUT, view_change_timeout_ms=10 * TIMEOUT))
+    c.submit("node-0", "before", b"x")
+    c.run(2 * TIMEOUT)
+    mute = "node-3"
+    c.drop = lambda src, dst, data: src == mute
+    c.submit(mute, "stranded", b"payload")
+    for i in range(20):  # the others stay busy, so node-3 keeps hearing all of them
+        c.submit("node-1", f"during-{i}", b"x")
+        c.run(TIMEOUT // 2)
+    r3 = c.nodes[mute].replica
+    assert r3.counters.get("view_changes_deferred", 0) >= 1
+    assert r3.counters.get("view_changes_started", 0) == 0 and not r3.in_view_change
+    c.drop = lambda src, dst, data: False  # heal
+    c.run(5 * TIMEOUT)
+    assert "stranded" in c.committed_ids(mute)
+    assert all(n.replica.view == 0 for n in c.nodes.values()), "no view change: the leader was fine"
+    c.submit("node-1", "after", b"y")
+    c.run(5 * TIMEOUT)
+    assert c.finals("node-1")["after"].agreeing == 4, "node-3 votes again"
+
+
+def test_a_teller_asks_as_soon_as_f_others_told_it_of_its_request() -> None:
+    # node-3 told everybody of its request; the copy to node-2 was lost, so only node-1
+    # asks when its timer runs out, and re-tells from its view change. That telling is
+    # the evidence node-3 waited for: it asks at once, not a request timeout later.
+    c = _censoring_cluster()
+    censor = c.drop
+    lost: list[int] = []
+
+    def drop(src: str, dst: str, data: bytes) -> bool:
+        if src == "node-3" and dst == "node-2" and not lost and decode(data).kind == "request":
+            lost.append(c.now)
+            return True
+        return censor(src, dst, data)
+
+    c.drop = drop
+    c.submit("node-3", "censored", b"payload")
+    i = 0
+    while c.now < 40 * TIMEOUT and not all(n.replica.view >= 1 for n in c.nodes.values()):
+        c.submit("node-0", f"busy-{i}", b"work")
+        i += 1
+        c.run(20)
+    assert lost, "the scenario needs the lost copy"
+    # node-1's timer: told at lost[0], then MAX_TIMER_EXTENSIONS + 1 timeouts (busy leader).
+    asked_at = lost[0] + (MAX_TIMER_EXTENSIONS + 1) * TIMEOUT
+    assert c.now <= asked_at + TIMEOUT // 2, f"all in view 1 at {c.now} ms; node-1 asked at {asked_at} ms"
+    assert "censored" in c.committed_ids("node-3")
