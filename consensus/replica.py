@@ -785,7 +785,13 @@ class Replica:
             if self._withheld(self._view, seq):
                 return  # we may have proposed another batch here before the store forgot it
             prev = self._slots.get(seq - 1)
-            prev_time = prev.agreed_time_ms if prev is not None and prev.has_batch else self._last_time_ms
+            if seq - 1 > self._last_executed and (prev is None or not prev.has_batch):
+                # A new view re-proposed seq-1 and its body is still on its way: its agreed
+                # time is unknown. Followers that hold it refuse an earlier time here, so
+                # a guess could leave this batch short of a quorum for good.
+                return
+            # The floor followers check (_on_preprepare): an empty batch sets no time.
+            prev_time = prev.agreed_time_ms if prev is not None and prev.requests else self._last_time_ms
             agreed = max(prev_time + 1, now + self._wall_offset_ms)
             requests = tuple(batch)
             pp = PrePrepare(self._view, seq, agreed, requests, batch_digest(agreed, requests))
