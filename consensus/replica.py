@@ -699,10 +699,11 @@ class Replica:
             # No sign that f others time the leader on it: we were cut off (hearing
             # fewer than f others) now or at the last telling, or the others may never
             # have got our tellings (a one-way link). At most f validators could ask
-            # with us, too few for the join rule to pull the rest along. After the links come back we would sit in a view
-            # change alone, voting in no view, until the others changed view for a reason
-            # of their own (Raft's pre-vote reasoning). Stay in the view and keep telling
-            # everyone: once the links are back the leader orders the requests.
+            # with us, too few for the join rule to pull the rest along. After the
+            # links come back we would sit in a view change alone, voting in no view,
+            # until the others changed view for a reason of their own (Raft's pre-vote
+            # reasoning). Stay in the view and keep telling everyone: once the links
+            # are back the leader orders the requests.
             self._count("view_changes_deferred")
 
     def _heard_from_enough(self, now: int) -> bool:
