@@ -145,6 +145,15 @@ class _Pending:
 
 
 @dataclass(slots=True)
+class _CheckpointResend:
+    """Our own vote for a checkpoint not stable yet (see _resend_checkpoint_votes)."""
+
+    wire: bytes
+    retry_at_ms: int
+    retries: int = 0
+
+
+@dataclass(slots=True)
 class _Transfer:
     seq: int
     digest: bytes
@@ -233,8 +242,7 @@ class Replica:
         self._stable = _Stable()
         self._checkpoint_votes: dict[int, VoteSet] = {}
         self._own_checkpoints: dict[int, tuple[bytes, bytes]] = {}  # seq -> (digest, blob)
-        # seq -> [our signed vote, next re-send (ms), re-sends so far], until that seq is stable
-        self._checkpoint_resends: dict[int, list[Any]] = {}
+        self._checkpoint_resends: dict[int, _CheckpointResend] = {}  # until that seq is stable
         self._last_executed = 0
         self._last_progress_ms = now_ms  # when this replica last executed a batch
         self._last_time_ms = 0
@@ -1382,7 +1390,7 @@ class Replica:
                 slot.retry_at_ms = now + self._retry_delay()
                 continue
             slot.retries += 1
-            slot.retry_at_ms = now + self._retry_delay() * (2 ** min(slot.retries, 6))
+            slot.retry_at_ms = now + self._backoff_ms(slot.retries)
             for kind in (PRE_PREPARE, PREPARE, COMMIT):
                 own = self._own_votes.get((kind, seq))
                 if own is not None and own[0] == self._view and own[2] is not None:
@@ -1394,17 +1402,20 @@ class Replica:
         stable either, the window would fill, and no leader of this view or any later
         one could propose again. So our own vote for every checkpoint not stable yet is
         re-sent (the same signed bytes) with back-off; receivers ignore duplicates."""
-        for entry in self._checkpoint_resends.values():
-            wire, retry_at, resends = entry
-            if now < retry_at:
+        for resend in self._checkpoint_resends.values():
+            if now < resend.retry_at_ms:
                 continue
-            entry[1] = now + self._retry_delay() * (2 ** min(resends + 2, 6))
-            entry[2] = resends + 1
+            resend.retries += 1
+            resend.retry_at_ms = now + self._backoff_ms(resend.retries + 1)
             self._count("checkpoint_votes_resent")
-            self._out.append(Send(wire))
+            self._out.append(Send(resend.wire))
 
     def _retry_delay(self) -> int:
         return max(self.config.request_timeout_ms // 4, 20)
+
+    def _backoff_ms(self, retries: int) -> int:
+        """The wait before the next re-send of our own votes: doubling, at most 64 x."""
+        return self._retry_delay() * (2 ** min(retries, 6))
 
     def _retry_result_votes(self, now: int) -> None:
         """Votes can be lost: while a batch is not final here, re-send our own vote
@@ -1506,7 +1517,7 @@ class Replica:
         self._own_checkpoints[seq] = (digest, blob)
         wire = self._wire(CheckpointVote(seq, digest))
         self._out.append(Send(wire))
-        self._checkpoint_resends[seq] = [wire, self._now + 2 * self._retry_delay(), 0]
+        self._checkpoint_resends[seq] = _CheckpointResend(wire, self._now + self._backoff_ms(1))
         self._checkpoint_votes.setdefault(seq, VoteSet()).add(self.node_id, digest, wire)
         self._check_stable(seq)
 
