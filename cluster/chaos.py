@@ -5,7 +5,7 @@ Three parts, used by ``tests/docker`` and usable by hand (``python -m cluster.ch
 * :class:`ComposeCluster` runs ``compose.yaml`` under a unique project name and injects
   faults into *its own* containers only, through the Docker SDK: ``kill -9``/start,
   pause/unpause, network disconnect/connect (keeping the ``consensus`` alias), iptables
-  partitions of one node from the others (both directions) and random packet loss with
+  partitions of one node from the others (both directions, or only what it sends) and random packet loss with
   the iptables ``statistic`` match (the kernel here has no ``netem``). On failure
   :meth:`ComposeCluster.collect_logs` writes every container's log, state and iptables
   rules into a folder.
@@ -289,29 +289,33 @@ class ComposeCluster:
                     f"{tool} -C {hook} -j {chain} 2>/dev/null || {tool} -I {hook} 1 -j {chain}")
         self.exec_root(node_id, ["sh", "-ec", "; ".join(script)])
 
-    def partition(self, node_id: str, from_nodes: Iterable[str] | None = None) -> None:
-        """Cut ``node_id`` off from the other validators, both directions. Rules go into
-        the isolated node *and* into each peer, so neither side can reach the other even
-        if one side's rules were to be flushed by a restart. The host (the test client)
-        still reaches every node."""
+    def partition(self, node_id: str, from_nodes: Iterable[str] | None = None, one_way: bool = False) -> None:
+        """Cut ``node_id`` off from the other validators, both directions, or with
+        ``one_way`` only what it sends to them (it still hears them: a one-way link).
+        Rules go into the isolated node *and* into each peer, so neither side can reach
+        the other even if one side's rules were to be flushed by a restart. The host (the
+        test client) still reaches every node."""
         peers = [n for n in (from_nodes or self.node_ids) if n != node_id]
         mine = self.addresses(node_id)
         self._ensure_chains(node_id)
         rules = []
         for peer in peers:
             v6, v4 = self.addresses(peer)
-            rules += self._drop_rules(v6, v4)
+            rules += self._drop_rules(v6, v4, inbound=not one_way, outbound=True)
         self.exec_root(node_id, ["sh", "-ec", "; ".join(rules)])
         for peer in peers:
             self._ensure_chains(peer)
-            self.exec_root(peer, ["sh", "-ec", "; ".join(self._drop_rules(*mine))])
+            self.exec_root(peer, ["sh", "-ec", "; ".join(
+                self._drop_rules(*mine, inbound=True, outbound=not one_way))])
 
     @staticmethod
-    def _drop_rules(v6: str, v4: str) -> list[str]:
+    def _drop_rules(v6: str, v4: str, *, inbound: bool, outbound: bool) -> list[str]:
+        """DROP rules for packets from (``inbound``) and to (``outbound``) one address."""
         rules = []
         for tool, address in (("ip6tables", v6), ("iptables", v4)):
-            if address:
+            if address and inbound:
                 rules.append(f"{tool} -A {CHAIN_IN} -s {address} -j DROP")
+            if address and outbound:
                 rules.append(f"{tool} -A {CHAIN_OUT} -d {address} -j DROP")
         return rules
 

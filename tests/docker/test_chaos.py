@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from cluster.chaos import wait_until
+from cluster.chaos import CHAIN_IN, wait_until
 
 from .conftest import run, scenario
 
@@ -91,15 +91,17 @@ def test_partition_leader_then_heal(make_cluster, log_dir):
         f"the isolated leader {ctx['leader']} was never replaced: {ctx['status_after']}")
 
 
-def test_partition_follower_with_a_client_then_heal_it_stays_in_the_view(make_cluster, log_dir):
-    """A client's request waits on a follower cut off from every peer. The follower does
-    not ask alone for a new view (nobody would join it); after the heal its request is
-    ordered in the same view and it votes again."""
+@pytest.mark.parametrize("one_way", [False, True], ids=["both-ways", "one-way"])
+def test_partition_follower_with_a_client_then_heal_it_stays_in_the_view(make_cluster, log_dir, one_way):
+    """A client's request waits on a follower cut off from every peer, both ways or only
+    in what it sends (one-way: it still hears them, none of its packets arrive). The
+    follower does not ask alone for a new view (nobody would join it); after the heal its
+    request is ordered in the same view and it votes again."""
     cluster = make_cluster()
 
     def isolate_follower_with_a_request(ctx):
         cut = ctx["cut"] = next(n for n in cluster.node_ids if n != ctx["leader"])
-        cluster.partition(cut)
+        cluster.partition(cut, one_way=one_way)
         ctx["rules"] = cluster.chaos_rules(cut)
         waiting = ctx["through_cut"] = threading.Thread(
             target=lambda: ctx.__setitem__("cut_ops", asyncio.run(load_through(cluster, [cut], total=1))))
@@ -114,6 +116,8 @@ def test_partition_follower_with_a_client_then_heal_it_stays_in_the_view(make_cl
 
     ctx = run(scenario(cluster, log_dir, during=isolate_follower_with_a_request, after=heal, total=12))
     assert "DROP" in ctx["rules"], f"the partition installed no rules:\n{ctx['rules']}"
+    inbound_dropped = f"-A {CHAIN_IN} -s" in ctx["rules"]
+    assert inbound_dropped != one_way, f"one_way={one_way} but the rules were:\n{ctx['rules']}"
     during = ctx["status_during"]["replica"]
     assert not during["in_view_change"] and not during["counters"].get("view_changes_started"), during
     assert_history(ctx)
