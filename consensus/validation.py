@@ -40,7 +40,7 @@ from consensus.requests import (
 __all__ = [
     "CertificateValidationRequest", "FourProofValidationRequest", "Outcome", "Precheck", "Reason",
     "ValidationApp", "ValidationParams", "ValidationRequest", "ValidationState", "combine_precheck",
-    "decode_outcome", "decode_request", "execute", "parse_request", "precheck", "precheck_parts",
+    "decode_outcome", "decode_request", "execute", "execute_prechecked", "parse_request", "precheck", "precheck_parts",
 ]
 
 VALID = "Valid"
@@ -69,9 +69,15 @@ PrecheckRunner = Callable[[list[PrecheckPart]], list[list[Reason]]]
 
 @dataclass(frozen=True, slots=True)
 class Precheck:
+    """All that execution needs of a prechecked request: small and picklable, so the
+    checks may run in another process and only this comes back."""
+
     request_digest: bytes
     holder: bytes  # holder id (the time chain key)
     reasons: tuple[Reason, ...]
+    request_id: str = ""
+    kind: str = ""
+    timestamp_ms: int = 0  # the time proof's timestamp
 
 
 def precheck_parts(request: ValidationRequest, params: ValidationParams, kem_private_key: bytes) -> list[PrecheckPart]:
@@ -94,6 +100,9 @@ def combine_precheck(request: ValidationRequest, results: Sequence[list[Reason]]
         request_digest=request.digest,
         holder=request_binding(request)[3],
         reasons=ordered([r for part in results for r in part]),
+        request_id=request.request_id,
+        kind=request.kind,
+        timestamp_ms=request.proofs.time.timestamp_ms,
     )
 
 
@@ -234,14 +243,19 @@ def decode_outcome(data: bytes) -> Outcome:
 def execute(
     request: ValidationRequest, pre: Precheck, state: ValidationState, agreed_time_ms: int, params: ValidationParams
 ) -> Outcome:
-    if pre.request_digest != request.digest:
+    if pre.request_digest != request.digest or pre.request_id != request.request_id:
         raise ValueError("precheck belongs to another request")
-    timestamp = request.proofs.time.timestamp_ms
-    time_reasons = check_time(timestamp, state.last_time(pre.holder), agreed_time_ms, params)
+    return execute_prechecked(pre, state, agreed_time_ms, params)
+
+
+def execute_prechecked(pre: Precheck, state: ValidationState, agreed_time_ms: int, params: ValidationParams) -> Outcome:
+    """``execute`` on what ``combine_precheck`` kept: the time check against the holder's
+    head, the verdict, and (only for a Valid request) the head's advance."""
+    time_reasons = check_time(pre.timestamp_ms, state.last_time(pre.holder), agreed_time_ms, params)
     reasons = ordered(list(pre.reasons) + time_reasons)
     if not reasons:
-        state.advance(pre.holder, timestamp)
-    return Outcome(request.request_id, request.kind, INVALID if reasons else VALID, reasons, agreed_time_ms, request.digest)
+        state.advance(pre.holder, pre.timestamp_ms)
+    return Outcome(pre.request_id, pre.kind, INVALID if reasons else VALID, reasons, agreed_time_ms, pre.request_digest)
 
 
 def malformed_outcome(data: bytes, error: DecodeError, agreed_time_ms: int) -> Outcome:
@@ -256,7 +270,7 @@ def _sequential(parts: list[PrecheckPart]) -> list[list[Reason]]:
 
 
 Decoded = ValidationRequest | DecodeError
-Checked = tuple[Decoded, list[list[Reason]]]  # the decoded request and its precheck part results
+Checked = Precheck | DecodeError  # a prechecked request, or why its bytes do not decode
 BackgroundSubmit = Callable[[Callable[[], list[Checked]]], "Future[list[Checked]]"]
 PREFETCH_CHUNK = 8  # requests per background task: fewer thread hand-offs than one per request
 MAX_PREFETCHED = 1024  # bounded: batches that never execute (a view change) age out
@@ -274,8 +288,7 @@ def _check_chunk(requests: list[bytes], params: ValidationParams, kem_private_ke
     out: list[Checked] = []
     for data in requests:
         item = _decode(data)
-        parts = [] if isinstance(item, DecodeError) else precheck_parts(item, params, kem_private_key)
-        out.append((item, [part() for part in parts]))
+        out.append(item if isinstance(item, DecodeError) else precheck(item, params, kem_private_key))
     return out
 
 
@@ -329,8 +342,7 @@ class ValidationApp:
             self.prefetch([data])
             checked = self._prefetched_result(data, take=False)
         assert checked is not None
-        item = checked[0]
-        return None if isinstance(item, DecodeError) else item.proofs.time.timestamp_ms
+        return None if isinstance(checked, DecodeError) else checked.timestamp_ms
 
     def execute_batch(self, seq: int, requests: list[bytes], agreed_time_ms: int) -> list[bytes]:
         if seq % TIME_HEAD_PRUNE_EVERY == 0:
@@ -351,16 +363,14 @@ class ValidationApp:
             if len(results) != len(parts):
                 raise RuntimeError("precheck runner returned a different number of results")
             for i, item, start, end in pending:
-                checked[i] = (item, results[start:end])
+                checked[i] = item if isinstance(item, DecodeError) else combine_precheck(item, results[start:end])
         out: list[bytes] = []
         for data, done in zip(requests, checked):
             assert done is not None
-            item, part_results = done
-            if isinstance(item, DecodeError):
-                out.append(malformed_outcome(data, item, agreed_time_ms).encode())
+            if isinstance(done, DecodeError):
+                out.append(malformed_outcome(data, done, agreed_time_ms).encode())
             else:
-                pre = combine_precheck(item, part_results)
-                out.append(execute(item, pre, self.state, agreed_time_ms, self.params).encode())
+                out.append(execute_prechecked(done, self.state, agreed_time_ms, self.params).encode())
         return out
 
     def snapshot(self) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from opentelemetry import trace
 
 from consensus.codec import DecodeError
 from consensus.crypto import backend
+from consensus.messages import request_digest as digest_of_request
 from consensus.requests import REQUEST_ID_RE
 from consensus.validation import decode_outcome, parse_request
 from transport.envelope import DEFAULT_MAX_ENVELOPE_BYTES, ApiError, ErrorCode
@@ -140,7 +140,7 @@ class ValidationService:
         except DecodeError as exc:
             raise ApiError(ErrorCode.InvalidRequest, f"{exc.field}: {exc.message}") from None
         encoded = request.encode()
-        request_digest = hashlib.sha256(encoded).digest()
+        request_digest = digest_of_request(encoded)  # remembered: the replica hashes these bytes again
         span.set_attribute("hypermesh.request_id", request.request_id)
 
         if self.cache is not None:

@@ -234,3 +234,19 @@ def test_wire_messages_bound_each_array_and_fail_on_the_first_misplaced_element(
     with pytest.raises(codec.DecodeError) as info:
         decode(misplaced)
     assert info.value.field == "pre-prepare.requests[0]"
+
+
+def test_request_digest_memo_is_sha256_and_keeps_at_most_its_bytes() -> None:
+    import hashlib
+
+    from consensus.messages import _DigestMemo
+
+    memo = _DigestMemo(max_bytes=100)
+    blobs = [bytes([i]) * 40 for i in range(5)]
+    for blob in blobs:
+        assert memo(blob) == hashlib.sha256(blob).digest()
+    # 5 x 40 bytes seen, at most 100 kept: the two newest
+    assert list(memo._digests) == blobs[3:] and memo._bytes == 80
+    assert memo(bytes(blobs[4])) == hashlib.sha256(blobs[4]).digest()  # an equal copy hits
+    assert memo(b"x" * 101) == hashlib.sha256(b"x" * 101).digest()  # too large to keep: hashed, not kept
+    assert memo._bytes == 80 and b"x" * 101 not in memo._digests
