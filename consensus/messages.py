@@ -313,7 +313,8 @@ class _DigestMemo:
     the node takes it in, for the batch digest and for the result vote: on the event
     loop, 10 µs per 16 KB request each time. A dict keyed by the bytes costs one
     (cached) ``hash()`` of the object instead. Bounded by the bytes it keeps alive;
-    the oldest go first. A pure function's memo: the digest never depends on it."""
+    the oldest go first. A pure function's memo: the digest never depends on it. Meant
+    for one thread (the event loop); another thread's call can only miss or evict."""
 
     def __init__(self, max_bytes: int) -> None:
         self._digests: OrderedDict[bytes, bytes] = OrderedDict()
@@ -327,7 +328,7 @@ class _DigestMemo:
             if len(data) <= self._max_bytes:
                 self._digests[data] = digest
                 self._bytes += len(data)
-                while self._bytes > self._max_bytes:
+                while self._bytes > self._max_bytes and self._digests:
                     old, _ = self._digests.popitem(last=False)
                     self._bytes -= len(old)
         return digest

@@ -69,15 +69,15 @@ PrecheckRunner = Callable[[list[PrecheckPart]], list[list[Reason]]]
 
 @dataclass(frozen=True, slots=True)
 class Precheck:
-    """All that execution needs of a prechecked request: small and picklable, so the
-    checks may run in another process and only this comes back."""
+    """All that execution needs of a prechecked request. The precheck thread builds it,
+    so the event loop neither hashes the request nor keeps its decoded form."""
 
     request_digest: bytes
     holder: bytes  # holder id (the time chain key)
     reasons: tuple[Reason, ...]
-    request_id: str = ""
-    kind: str = ""
-    timestamp_ms: int = 0  # the time proof's timestamp
+    request_id: str
+    kind: str
+    timestamp_ms: int  # the time proof's timestamp
 
 
 def precheck_parts(request: ValidationRequest, params: ValidationParams, kem_private_key: bytes) -> list[PrecheckPart]:
