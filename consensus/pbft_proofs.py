@@ -58,8 +58,9 @@ def verify_prepared(keyring: KeyRing, cluster_id: str, cert: PreparedCert) -> bo
 
 def verify_committed(keyring: KeyRing, cluster_id: str, batch: CommittedBatch) -> bool:
     """2f+1 distinct validators committed the batch at (view, seq). With a single
-    validator (n = 1, quorum 1) its signed pre-prepare or prepare is the commit: it
-    signs no separate commit message."""
+    validator (n = 1, quorum 1) a signed pre-prepare or prepare is the commit: it signs
+    no separate commit message. (Its own pre-prepares are unsigned, since no peer reads
+    them: this check is for certificates from peers, and a lone validator has none.)"""
     digest = batch_digest(batch.agreed_time_ms, batch.requests)
     kinds = (COMMIT, PREPARE, PRE_PREPARE) if keyring.n == 1 else (COMMIT,)
     return _quorum_of(keyring, cluster_id, kinds, batch.view, batch.seq, digest, batch.commits)

@@ -336,6 +336,11 @@ class Replica:
         return self._vc_target if self._in_view_change else None
 
     @property
+    def _lone(self) -> bool:
+        """A one-validator cluster: no peer ever reads this replica's order votes."""
+        return self.keyring.n == 1
+
+    @property
     def signed_high(self) -> tuple[int, int]:
         """(view, seq) at or above everything this replica signed that a peer could hold
         against it: pre-prepares, prepares, commits (view and seq), view-changes and
@@ -811,8 +816,11 @@ class Replica:
             # then overlaps with them instead of delaying them.
             self._prefetch(requests)
             # Sign the small header only: the digest binds the requests (FACTS.md: the
-            # ML-DSA cost grows with the bytes signed; batches can be ~1 MB).
-            signature = self.key.sign(preprepare_header_bytes(self._cid, self._view, seq, agreed, pp.digest))
+            # ML-DSA cost grows with the bytes signed; batches can be ~1 MB). A lone
+            # validator signs none: no peer reads its order vote, and the result vote
+            # clients check is signed, so it signs once per batch (DESIGN.md), not twice.
+            signature = b"" if self._lone else self.key.sign(
+                preprepare_header_bytes(self._cid, self._view, seq, agreed, pp.digest))
             wire = encode_signed(self._cid, self.node_id, pp, signature)
             self._record_vote(PRE_PREPARE, seq, self._view, pp.digest, wire, (agreed, requests), signature)
             self._out.append(Send(wire))
@@ -969,11 +977,13 @@ class Replica:
         slot = self._slot(seq)
         self._place_batch(slot, view, digest, agreed, requests, leader_signature)
         leader = self._leader_of(view)
-        if leader_signature:
-            self._count_leader_prepare(slot, view, leader, leader_signature)
         # Classic PBFT: the leader's signed pre-prepare is its prepare, so it signs no
         # separate one (re-proposals of a new view carry no header: everyone prepares).
-        if (leader != self.node_id or not leader_signature) and slot.sent_prepare < view \
+        # A lone validator's own pre-prepare is its prepare unsigned (see _propose_loop).
+        counted = bool(leader_signature) or self._lone
+        if counted:
+            self._count_leader_prepare(slot, view, leader, leader_signature)
+        if (leader != self.node_id or not counted) and slot.sent_prepare < view \
                 and self._vote(PREPARE, seq, view, digest):
             slot.sent_prepare = view
         self._check_prepared(slot)
