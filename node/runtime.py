@@ -104,7 +104,7 @@ class ReplicaDriver:
         self._pool_size = 2
         self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="precheck")
         self.app = ValidationApp(params, kem_private_key, precheck_runner=self._run_prechecks,
-                                 background=self._pool.submit)
+                                 background=self._pool.submit, background_workers=self._pool_size)
         # What this node signed, as its vote guard recorded it outside the store (a lone
         # validator has none: no peer holds its votes, see docs/OPERATIONS.md).
         self._guard = vote_guard

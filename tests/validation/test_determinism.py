@@ -75,6 +75,31 @@ def test_prefetched_prechecks_give_the_same_bytes_and_are_used(cluster, mldsa, f
     assert _run(inline, [batch1, batch2]) == prefetched
 
 
+def test_prefetch_spreads_a_small_batch_over_every_worker_and_chunks_a_large_one(cluster):
+    """At low load a batch of a few requests used to go to one worker while the other
+    idled (chunks of 8): now a small batch is split evenly, a large one still goes in
+    chunks of PREFETCH_CHUNK (fewer thread hand-offs)."""
+    from consensus.validation import PREFETCH_CHUNK
+
+    sizes: list[int] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        def background(task):
+            sizes.append(len(task.args[0]))  # the chunk of request bytes handed to _check_chunk
+            return pool.submit(task)
+
+        app = ValidationApp(cluster.params, cluster.kem_private, background=background, background_workers=2)
+        garbage = [b"\x91" + i.to_bytes(4, "big") for i in range(40)]
+        app.prefetch(garbage[:1])
+        assert sizes == [1]
+        sizes.clear()
+        app.prefetch(garbage[1:6])  # 5 requests over 2 workers
+        assert sizes == [3, 2]
+        sizes.clear()
+        app.prefetch(garbage[6:])  # 34 requests: chunks of PREFETCH_CHUNK
+        assert sizes == [PREFETCH_CHUNK] * (34 // PREFETCH_CHUNK) + [34 % PREFETCH_CHUNK]
+        assert all(app.request_time_ms(data) is None for data in garbage)  # each one checked (undecodable)
+
+
 def test_prefetch_is_bounded(cluster, mldsa):
     from consensus.validation import MAX_PREFETCHED
 
