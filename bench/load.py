@@ -13,6 +13,8 @@ Phases:
   4 nodes      real 4-node cluster: closed loop, then open loop at --rate
 CPU per request is read from /proc for the server processes; for the cluster,
 "consensus + transport" CPU is total CPU minus n times the in-process validation CPU.
+The last lines judge the single node's two goals from this run: over STOQ at least 50 %
+of the in-process rate, and p99 under 20 ms at half of saturation.
 """
 
 from __future__ import annotations
@@ -234,6 +236,24 @@ def start_cluster(directory: Path, nodes: int, base_port: int, batch_size: int,
     return cluster
 
 
+def single_node_goals(results: list[Result]) -> list[str]:
+    """Issue #2's two speed goals, worked out from this run's phases (by their names)."""
+    def phase(prefix: str) -> Result | None:
+        return next((r for r in results if r.name.startswith(prefix)), None)
+
+    inproc, closed, half = phase("in-process"), phase("1 node, closed loop"), phase("1 node, open loop")
+    lines = []
+    if inproc is not None and closed is not None and inproc.rate:
+        ratio = closed.rate / inproc.rate
+        lines.append(f"goal: 1 node over STOQ >= 50 % of the in-process rate: {closed.rate:,.0f} / {inproc.rate:,.0f} "
+                     f"= {ratio:.0%} ({'met' if ratio >= 0.5 else 'not met'})")
+    if half is not None and half.latencies_ms:
+        p99 = half.pct(0.99)
+        lines.append(f"goal: 1 node p99 < 20 ms at half of saturation: {p99:.1f} ms at {half.rate:,.0f}/s "
+                     f"({'met' if p99 < 20 else 'not met'})")
+    return lines
+
+
 def report(results: list[Result], validation_cpu_us: float, nodes: int) -> None:
     print()
     print("| phase | requests | throughput (req/s) | p50 (ms) | p99 (ms) | server CPU/request (µs) "
@@ -246,6 +266,8 @@ def report(results: list[Result], validation_cpu_us: float, nodes: int) -> None:
               f"{r.mean_batch:.1f} | {r.errors} |")
     print()
     print(f"validation CPU per request (in-process, one validator): {validation_cpu_us:,.0f} µs")
+    for line in single_node_goals(results):
+        print(line)
     cluster_runs = [r for r in results if r.name.startswith(f"{nodes} nodes") and r.cpu_us_per_request()]
     for r in cluster_runs:
         total = r.cpu_us_per_request() or 0.0
