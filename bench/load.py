@@ -263,7 +263,7 @@ def report(results: list[Result], validation_cpu_us: float, nodes: int) -> None:
         cpu, own = r.cpu_us_per_request(), r.client_cpu_us_per_request()
         print(f"| {r.name} | {r.requests} | {r.rate:,.0f} | {r.pct(0.5):.1f} | {r.pct(0.99):.1f} | "
               f"{'-' if cpu is None else f'{cpu:,.0f}'} | {'-' if own is None else f'{own:,.0f}'} | "
-              f"{r.mean_batch:.1f} | {r.errors} |")
+              f"{'-' if not r.batches else f'{r.mean_batch:.1f}'} | {r.errors} |")
     print()
     print(f"validation CPU per request (in-process, one validator): {validation_cpu_us:,.0f} µs")
     for line in single_node_goals(results):
