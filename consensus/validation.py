@@ -272,7 +272,7 @@ def _sequential(parts: list[PrecheckPart]) -> list[list[Reason]]:
 Decoded = ValidationRequest | DecodeError
 Checked = Precheck | DecodeError  # a prechecked request, or why its bytes do not decode
 BackgroundSubmit = Callable[[Callable[[], list[Checked]]], "Future[list[Checked]]"]
-PREFETCH_CHUNK = 8  # requests per background task: fewer thread hand-offs than one per request
+PREFETCH_CHUNK = 8  # at most this many requests per background task: fewer thread hand-offs than one per request
 MAX_PREFETCHED = 1024  # bounded: batches that never execute (a view change) age out
 
 
